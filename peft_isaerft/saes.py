@@ -1,0 +1,174 @@
+"""SAE references: how an adapter config names an SAE, and how that name becomes a loaded sae-lens SAE.
+
+An adapter never stores SAE weights. It stores an :class:`SAEReference` (a sae-lens release and id, or a
+local folder written by ``SAE.save_model``) and loads the SAE through sae-lens's own loaders, so every
+format sae-lens knows (Gemma Scope, Llama Scope, sae-lens folders, ...) works here too.
+
+Example:
+    >>> ref = SAEReference.from_dict({"release": "gemma-scope-2b-pt-res-canonical",
+    ...                               "sae_id": "layer_20/width_16k/canonical"})
+    >>> ref.label
+    'gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+logger = logging.getLogger(__name__)
+
+_ALLOWED_KEYS = {"release", "sae_id", "path", "hook"}
+# normalisations that sae-lens undoes inside decode() with per-token statistics; the splice works on the
+# decoder's linear part only, so these would silently give a wrong delta
+_UNSUPPORTED_NORMALISATIONS = {"constant_norm_rescale", "layer_norm", "covariance_whitening"}
+
+
+@dataclass(frozen=True)
+class SAEReference:
+    """Where one SAE comes from, and optionally where it attaches."""
+
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+    hook: str | None = None
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any] | SAEReference) -> SAEReference:
+        """Validate one entry of ``ISaeRFTConfig.saes``.
+
+        Raises:
+            ValueError: unknown keys, or neither / both of ``{"release", "sae_id"}`` and ``{"path"}``.
+        """
+        if isinstance(entry, SAEReference):
+            return entry
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"Each entry of `saes` must be a dict such as {{'release': R, 'sae_id': I}} or {{'path': P}}, "
+                f"got {entry!r}."
+            )
+        unknown = set(entry) - _ALLOWED_KEYS
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {sorted(unknown)} in SAE entry {entry!r}; allowed keys are {sorted(_ALLOWED_KEYS)}."
+            )
+        has_pretrained = entry.get("release") is not None or entry.get("sae_id") is not None
+        has_path = entry.get("path") is not None
+        if has_pretrained and has_path:
+            raise ValueError(f"SAE entry {entry!r} gives both a pretrained release and a path; give one of them.")
+        if has_pretrained and not (entry.get("release") and entry.get("sae_id")):
+            raise ValueError(f"SAE entry {entry!r} needs both 'release' and 'sae_id' to name a pretrained SAE.")
+        if not has_pretrained and not has_path:
+            raise ValueError(
+                f"SAE entry {entry!r} names no SAE: give {{'release': R, 'sae_id': I}} for a sae-lens pretrained "
+                "SAE or {'path': P} for a folder written by sae-lens `save_model`."
+            )
+        path = entry.get("path")
+        if path is not None:
+            # adapters outlive the working directory they were trained in
+            path = os.path.abspath(os.path.expanduser(str(path)))
+        return cls(release=entry.get("release"), sae_id=entry.get("sae_id"), path=path, hook=entry.get("hook"))
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name: ``release/sae_id`` or the folder path."""
+        return f"{self.release}/{self.sae_id}" if self.release else str(self.path)
+
+    @property
+    def neuronpedia_id(self) -> str | None:
+        """The Neuronpedia id of a pretrained SAE from sae-lens's registry (read offline), else None."""
+        if not self.release:
+            return None
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        lookup = get_pretrained_saes_directory().get(self.release)
+        return None if lookup is None else lookup.neuronpedia_id.get(self.sae_id)
+
+
+_cache: dict[tuple[SAEReference, str, str], SAE] = {}
+_cache_lock = threading.Lock()
+
+
+def load_sae(reference: SAEReference, device: torch.device | str = "cpu", dtype: str | None = None) -> SAE:
+    """Load (or reuse) the frozen SAE named by ``reference``.
+
+    SAEs are shared within the process: two adapters over the same SAE on the same device hold one copy.
+
+    Raises:
+        FileNotFoundError: a ``path`` reference whose folder does not exist or holds no SAE.
+        ValueError: an SAE whose activation normalisation the splice can not reproduce.
+    """
+    device = str(torch.device(device))
+    key = (SAEReference(reference.release, reference.sae_id, reference.path), device, dtype or "")
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    if reference.path is not None:
+        folder = Path(reference.path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"SAE folder {str(folder)!r} does not exist. Write one with sae-lens `sae.save_model(folder)` or "
+                "fix the 'path' in the adapter's `saes` entry."
+            )
+        if not any(folder.glob("cfg.json")):
+            raise FileNotFoundError(
+                f"SAE folder {str(folder)!r} holds no sae-lens cfg.json; it is not an SAE written by `save_model`."
+            )
+        sae = SAE.load_from_disk(str(folder), device=device, dtype=dtype)
+    else:
+        logger.info("Loading pretrained SAE %s/%s", reference.release, reference.sae_id)
+        sae = SAE.from_pretrained(reference.release, reference.sae_id, device=device, dtype=dtype or "float32")
+    prepare_frozen_sae(sae, reference.label)
+    with _cache_lock:
+        _cache[key] = sae
+    return sae
+
+
+def prepare_frozen_sae(sae: SAE, label: str) -> SAE:
+    """Freeze ``sae`` and put it into the form the splice expects (flat ``hook_z`` inputs, eval mode)."""
+    normalisation = getattr(sae.cfg, "normalize_activations", "none")
+    if normalisation in _UNSUPPORTED_NORMALISATIONS:
+        raise ValueError(
+            f"SAE {label} uses normalize_activations={normalisation!r}, which rescales each token inside "
+            "decode(); ISaeRFT splices only the decoder's linear part. Fold the normalisation into the weights "
+            "first (sae-lens `fold_activation_norm_scaling_factor` / `fold_activation_whitening`) and save it."
+        )
+    if getattr(sae, "hook_z_reshaping_mode", False):
+        # Hugging Face attention projections see heads already concatenated
+        sae.turn_off_forward_pass_hook_z_reshaping()
+    sae.requires_grad_(False)
+    sae.eval()
+    return sae
+
+
+def sae_hook_name(sae: SAE) -> str | None:
+    """The TransformerLens hook name the SAE was trained on, from its metadata (sae-lens 6)."""
+    metadata = getattr(sae.cfg, "metadata", None)
+    return getattr(metadata, "hook_name", None) if metadata is not None else None
+
+
+def decoder_directions(sae: SAE) -> torch.Tensor:
+    """The model-space direction each latent writes, one row per latent (``d_sae x d_in``).
+
+    Equal to ``W_dec`` except for SAEs trained with ``rescale_acts_by_decoder_norm``, whose decode divides
+    each latent by its decoder norm first.
+    """
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        return sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    return sae.W_dec
+
+
+def clear_sae_cache() -> None:
+    """Forget every SAE loaded in this process (they are freed once no adapter holds them)."""
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,142 @@
+"""`ISaeRFTConfig`: which SAEs to splice where, and what to train on their latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ..components import get_component
+from ..saes import SAEReference
+
+_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+@dataclass
+class ISaeRFTConfig(PeftConfig):
+    """Configuration of an ISaeRFT adapter.
+
+    Example:
+        >>> import peft_isaerft
+        >>> from peft_isaerft import ISaeRFTConfig
+        >>> config = ISaeRFTConfig(
+        ...     saes=[{"release": "gemma-scope-2b-pt-res-canonical", "sae_id": "layer_20/width_16k/canonical"}],
+        ...     component="scale",
+        ... )
+        >>> config.peft_type
+        <PeftType.ISAERFT: 'ISAERFT'>
+    """
+
+    saes: list[dict[str, str]] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "The SAEs to splice in, one dict each: {'release': R, 'sae_id': I} for a sae-lens pretrained SAE, "
+                "or {'path': P} for a folder written by sae-lens `save_model`. An optional 'hook' overrides where it "
+                "attaches: a TransformerLens hook name ('blocks.3.hook_resid_post') or a module path "
+                "('model.layers.3'). Without it the SAE's own `cfg.metadata.hook_name` decides."
+            )
+        },
+    )
+    component: str = field(
+        default="scale",
+        metadata={"help": "What to train per latent: 'scale' ((1+s)*z), 'bias' (z+b) or 'scale_bias' (both)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True starts from the identity (the model's outputs are unchanged); False draws random non-zero "
+                "parameters, which is only useful for tests."
+            )
+        },
+    )
+    sae_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "dtype the SAE runs in ('float32', 'bfloat16', ...). None keeps what sae-lens loads (float32). "
+                "Its output is cast back to the model's dtype either way."
+            )
+        },
+    )
+    l1_coeff: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Sparsity of the fine-tune: after every optimizer step each trained latent parameter is shrunk "
+                "towards zero by lr * l1_coeff (a proximal soft-threshold step), so few latents end up changed. "
+                "0 disables it."
+            )
+        },
+    )
+    latent_allowlist: dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Per SAE (keyed by its index in `saes` as a string, or its hook), the only latents to train."
+        },
+    )
+    latent_denylist: dict[str, list[int]] | None = field(
+        default=None,
+        metadata={"help": "Per SAE (keyed like `latent_allowlist`), latents that must never change."},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in when the adapter is attached: the module paths that were wrapped. Informational; the "
+                "attach points come from `saes`."
+            )
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra base-model modules to train and save in full, as in other PEFT methods."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.ISAERFT
+        get_component(self.component)
+        if not self.saes:
+            raise ValueError(
+                "ISaeRFTConfig needs at least one SAE in `saes`, e.g. "
+                "saes=[{'release': 'gemma-scope-2b-pt-res-canonical', 'sae_id': 'layer_20/width_16k/canonical'}] "
+                "or saes=[{'path': 'my_sae_folder'}]."
+            )
+        self.saes = [SAEReference.from_dict(entry).to_dict() for entry in self.saes]
+        if self.sae_dtype is not None and self.sae_dtype not in _DTYPES:
+            raise ValueError(f"sae_dtype must be one of {sorted(_DTYPES)} or None, got {self.sae_dtype!r}.")
+        if self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}.")
+        for name in ("latent_allowlist", "latent_denylist"):
+            self._check_latent_lists(name, getattr(self, name))
+
+    def _check_latent_lists(self, name: str, lists: dict[str, list[int]] | None) -> None:
+        if lists is None:
+            return
+        if not isinstance(lists, dict):
+            raise ValueError(f"{name} must map an SAE (its index in `saes` or its hook) to a list of latent ids.")
+        valid_keys = {str(i) for i in range(len(self.saes))} | {e["hook"] for e in self.saes if "hook" in e}
+        for key, latents in lists.items():
+            if str(key) not in valid_keys:
+                raise ValueError(
+                    f"{name} key {key!r} names no SAE; use the SAE's index in `saes` ({sorted(valid_keys)})."
+                )
+            if not all(isinstance(i, int) and i >= 0 for i in latents):
+                raise ValueError(f"{name}[{key!r}] must be a list of non-negative latent ids, got {latents!r}.")
+
+    @property
+    def references(self) -> list[SAEReference]:
+        return [SAEReference.from_dict(entry) for entry in self.saes]
+
+    def latent_list(self, name: str, index: int, hook: str | None) -> list[int] | None:
+        lists: dict[str, Any] | None = getattr(self, name)
+        if not lists:
+            return None
+        for key in (str(index), hook):
+            if key is not None and key in lists:
+                return list(lists[key])
+        return None

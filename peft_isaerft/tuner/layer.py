@@ -1,0 +1,243 @@
+"""`ISaeRFTLayer`: wraps one module of the base model and splices frozen SAEs into its input or output."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from sae_lens import SAE
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..attach_points import AttachPoint
+from ..components import Component, get_component, residual_delta
+from ..saes import SAEReference, decoder_directions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Splice:
+    """Everything about one adapter's SAE at one wrapped module, except its trained parameters."""
+
+    point: AttachPoint
+    reference: SAEReference
+    sae_index: int
+    """Position of the SAE in the config's `saes` list."""
+    component: Component
+    sae: SAE
+
+
+class ISaeRFTLayer(nn.Module, BaseTunerLayer):
+    """A base-model module with one SAE splice per adapter at its input or output.
+
+    Trained parameters live in ``isaerft_scale[adapter]`` and ``isaerft_bias[adapter]`` (one entry per SAE
+    latent). The SAE itself is frozen and kept outside the module tree, so it is never trained, saved,
+    sharded into optimizer state, or cast by ``model.half()``; ``model.to(device)`` still moves it.
+    """
+
+    adapter_layer_names = ("isaerft_scale", "isaerft_bias")
+    other_param_names = ("isaerft_latent_mask", "isaerft_splices")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, splice: Splice, init_weights: bool,
+                 latent_mask: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.isaerft_scale = nn.ParameterDict({})
+        self.isaerft_bias = nn.ParameterDict({})
+        # derived from the config on every load, so not part of the adapter file
+        self.isaerft_latent_mask = BufferDict({}, persistent=False)
+        self.isaerft_splices: dict[str, Splice] = {}
+        self._merged_constants: dict[str, tuple[nn.Module, bool, torch.Tensor]] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, splice, init_weights, latent_mask)
+
+    def __getattr__(self, name: str) -> Any:
+        # models read attributes such as `attention_type` off their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def update_layer(self, adapter_name: str, splice: Splice, init_weights: bool,
+                     latent_mask: torch.Tensor | None = None) -> None:
+        """Add (or replace) the splice and parameters of ``adapter_name`` on this module."""
+        if adapter_name in self.isaerft_splices:
+            other = self.isaerft_splices[adapter_name]
+            raise ValueError(
+                f"Adapter {adapter_name!r} already splices {other.reference.label} at {other.point.module_path} "
+                f"({other.point.position}); an adapter can hold one SAE per attach point. Put "
+                f"{splice.reference.label} in a separate adapter or at another hook."
+            )
+        d_sae = splice.sae.cfg.d_sae
+        device = splice.sae.W_dec.device
+        self.isaerft_splices[adapter_name] = splice
+        for name, container in (("scale", self.isaerft_scale), ("bias", self.isaerft_bias)):
+            if name not in splice.component.parameters:
+                continue
+            if init_weights:
+                values = torch.zeros(d_sae, dtype=torch.float32, device=device)
+            else:
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{name}/{splice.sae_index}".encode()))
+                values = (torch.randn(d_sae, generator=generator) * 0.1).to(device)
+            if latent_mask is not None:
+                values = values * latent_mask.to(device)
+            container[adapter_name] = nn.Parameter(values)
+        if latent_mask is not None:
+            self.isaerft_latent_mask[adapter_name] = latent_mask.to(device=device, dtype=torch.float32)
+        self.set_adapter(self.active_adapters)
+
+    # ---------------------------------------------------------------------------------------------- math
+
+    def adapter_parameters(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The effective (masked) scale and bias of ``adapter_name``; None where the component has none."""
+        mask = self.isaerft_latent_mask[adapter_name] if adapter_name in self.isaerft_latent_mask else None
+        scale = self.isaerft_scale[adapter_name] if adapter_name in self.isaerft_scale else None
+        bias = self.isaerft_bias[adapter_name] if adapter_name in self.isaerft_bias else None
+        if mask is not None:
+            scale = None if scale is None else scale * mask
+            bias = None if bias is None else bias * mask
+        return scale, bias
+
+    def _delta(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        splice = self.isaerft_splices[adapter_name]
+        scale, bias = self.adapter_parameters(adapter_name)
+        return residual_delta(splice.sae.encode, decoder_directions(splice.sae), hidden, scale, bias)
+
+    def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        for adapter_name in adapters:
+            hidden = hidden + self._delta(adapter_name, hidden)
+        return hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.isaerft_splices and a not in self.merged_adapters]
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        at_input = [a for a in active if self.isaerft_splices[a].point.position == "input"]
+        at_output = [a for a in active if self.isaerft_splices[a].point.position == "output"]
+        if at_input:
+            args, kwargs = _map_first_input(args, kwargs, lambda h: self._apply_splices(h, at_input))
+        result = self.base_layer(*args, **kwargs)
+        if at_output:
+            result = _map_first_output(result, lambda h: self._apply_splices(h, at_output))
+        return result
+
+    # ---------------------------------------------------------------------------------------------- devices
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ISaeRFTLayer:
+        super()._apply(fn, recurse)
+        # SAEs follow the module's device but keep their own dtype (a deliberate choice, see `sae_dtype`)
+        for splice in self.isaerft_splices.values():
+            probe = fn(torch.empty(0, device=splice.sae.W_dec.device, dtype=splice.sae.W_dec.dtype))
+            if probe.device != splice.sae.W_dec.device:
+                splice.sae.to(probe.device)
+        return self
+
+    # ---------------------------------------------------------------------------------------------- merging
+
+    def _merge_target(self, adapter_name: str) -> tuple[nn.Module, bool]:
+        splice = self.isaerft_splices[adapter_name]
+        point = splice.point
+        if not splice.component.mergeable:
+            raise ValueError(
+                f"Adapter {adapter_name!r} uses component {splice.component.name!r}, which cannot be merged: its "
+                "edit (1 + s) * z depends on each token through the SAE encoder's nonlinearity, so it is not a fixed "
+                "change of any weight. Keep the adapter unmerged (it runs at about the cost of one encoder pass), or "
+                "train a 'bias' adapter if you need a mergeable one."
+            )
+        if point.merge_linear is None:
+            raise ValueError(
+                f"Adapter {adapter_name!r} adds a constant at {point.hook} ({point.module_path}), but it cannot be "
+                f"merged exactly there: {point.merge_blocker}. Keep the adapter unmerged (a bias adapter costs "
+                "one vector add per layer)."
+            )
+        relative = point.merge_linear[len(point.module_path) + 1 :] if point.merge_linear != point.module_path else ""
+        linear = self.get_base_layer().get_submodule(relative) if relative else self.get_base_layer()
+        if isinstance(linear, BaseTunerLayer):
+            linear = linear.get_base_layer()
+        if not isinstance(linear, (nn.Linear, Conv1D)):
+            raise ValueError(f"Cannot merge into {point.merge_linear}: it is a {type(linear).__name__}, not a linear.")
+        return linear, point.merge_through_weight
+
+    def merged_constant(self, adapter_name: str, linear: nn.Module, through_weight: bool) -> torch.Tensor:
+        """The vector a merge adds to ``linear``'s bias for a bias adapter."""
+        splice = self.isaerft_splices[adapter_name]
+        _, bias = self.adapter_parameters(adapter_name)
+        with torch.no_grad():
+            constant = bias.double() @ decoder_directions(splice.sae).double().to(bias.device)
+            if through_weight:
+                weight = linear.weight.double().to(constant.device)
+                constant = constant @ weight if isinstance(linear, Conv1D) else weight @ constant
+        return constant
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold bias adapters into a bias of the base model (exact up to float rounding).
+
+        Raises:
+            ValueError: a scale component, or an attach point with no bias to absorb the constant.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.isaerft_splices]
+        targets = {name: self._merge_target(name) for name in adapter_names}  # raise before changing anything
+        for adapter_name, (linear, through_weight) in targets.items():
+            constant = self.merged_constant(adapter_name, linear, through_weight)
+            if safe_merge and not torch.isfinite(constant).all():
+                raise ValueError(f"NaNs or infs in adapter {adapter_name!r}; the merge was not applied.")
+            created = linear.bias is None
+            if created:
+                out_features = linear.weight.shape[1] if isinstance(linear, Conv1D) else linear.weight.shape[0]
+                linear.bias = nn.Parameter(
+                    torch.zeros(out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                    requires_grad=False,
+                )
+            linear.bias.data += constant.to(linear.bias.dtype)
+            self._merged_constants[adapter_name] = (linear, created, constant)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            linear, created, constant = self._merged_constants.pop(adapter_name)
+            if created and not any(entry[0] is linear for entry in self._merged_constants.values()):
+                linear.bias = None
+            else:
+                linear.bias.data -= constant.to(linear.bias.dtype)
+
+    def __repr__(self) -> str:
+        return "isaerft." + super().__repr__()
+
+
+def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple, dict]:
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    for name in ("hidden_states", "input", "x"):
+        if name in kwargs:
+            return args, {**kwargs, name: fn(kwargs[name])}
+    raise ValueError(
+        f"ISaeRFT could not find the activations to splice among the keyword arguments {sorted(kwargs)}; "
+        "attach the SAE at a module output instead."
+    )
+
+
+def _map_first_output(result: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    # transformers 5 decoder layers return a Tensor, 4.x and attention modules a tuple
+    if isinstance(result, torch.Tensor):
+        return fn(result)
+    if isinstance(result, tuple):
+        return (fn(result[0]), *result[1:])
+    if isinstance(result, list):
+        return [fn(result[0]), *result[1:]]
+    raise TypeError(f"ISaeRFT cannot splice a module output of type {type(result).__name__}.")
