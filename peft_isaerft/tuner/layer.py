@@ -18,6 +18,8 @@ from transformers.pytorch_utils import Conv1D
 from ..attach_points import AttachPoint
 from ..components import Component, get_component, residual_delta
 from ..saes import SAEReference, decoder_directions
+from ..sparsity import register_l1
+from .config import ISaeRFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("isaerft_scale", "isaerft_bias")
     other_param_names = ("isaerft_latent_mask", "isaerft_splices")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, splice: Splice, init_weights: bool,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, splice: Splice, config: ISaeRFTConfig,
                  latent_mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -57,7 +59,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         self._merged_constants: dict[str, tuple[nn.Module, bool, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
-        self.update_layer(adapter_name, splice, init_weights, latent_mask)
+        self.update_layer(adapter_name, splice, config, latent_mask)
 
     def __getattr__(self, name: str) -> Any:
         # models read attributes such as `attention_type` off their layers
@@ -68,7 +70,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 raise
             return getattr(self.base_layer, name)
 
-    def update_layer(self, adapter_name: str, splice: Splice, init_weights: bool,
+    def update_layer(self, adapter_name: str, splice: Splice, config: ISaeRFTConfig,
                      latent_mask: torch.Tensor | None = None) -> None:
         """Add (or replace) the splice and parameters of ``adapter_name`` on this module."""
         if adapter_name in self.isaerft_splices:
@@ -84,7 +86,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         for name, container in (("scale", self.isaerft_scale), ("bias", self.isaerft_bias)):
             if name not in splice.component.parameters:
                 continue
-            if init_weights:
+            if config.init_weights:
                 values = torch.zeros(d_sae, dtype=torch.float32, device=device)
             else:
                 generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{name}/{splice.sae_index}".encode()))
@@ -92,6 +94,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
             if latent_mask is not None:
                 values = values * latent_mask.to(device)
             container[adapter_name] = nn.Parameter(values)
+            register_l1(container[adapter_name], config.l1_coeff)
         if latent_mask is not None:
             self.isaerft_latent_mask[adapter_name] = latent_mask.to(device=device, dtype=torch.float32)
         self.set_adapter(self.active_adapters)

@@ -137,9 +137,9 @@ class ISaeRFTModel(BaseTuner):
     ) -> None:
         splice, mask = self._pending
         if isinstance(target, ISaeRFTLayer):
-            target.update_layer(adapter_name, splice, peft_config.init_weights, mask)
+            target.update_layer(adapter_name, splice, peft_config, mask)
             return
-        new_module = ISaeRFTLayer(target, adapter_name, splice, peft_config.init_weights, mask)
+        new_module = ISaeRFTLayer(target, adapter_name, splice, peft_config, mask)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
