@@ -65,7 +65,9 @@ _GEMMA2_LIKE = ArchitectureLayout(
 )
 
 ARCHITECTURES: dict[str, ArchitectureLayout] = {
-    "llama": ArchitectureLayout(**{**_LLAMA_LIKE.__dict__, "attn_bias_flag": "attention_bias", "mlp_bias_flag": "mlp_bias"}),
+    "llama": ArchitectureLayout(
+        **{**_LLAMA_LIKE.__dict__, "attn_bias_flag": "attention_bias", "mlp_bias_flag": "mlp_bias"}
+    ),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
@@ -74,7 +76,9 @@ ARCHITECTURES: dict[str, ArchitectureLayout] = {
     "gemma2": _GEMMA2_LIKE,
     "gemma3": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
-    "gpt2": ArchitectureLayout(layers="h", attn_out="attn", mlp_out="mlp", attn_proj="attn.c_proj", mlp_proj="mlp.c_proj"),
+    "gpt2": ArchitectureLayout(
+        layers="h", attn_out="attn", mlp_out="mlp", attn_proj="attn.c_proj", mlp_proj="mlp.c_proj"
+    ),
     "gpt_neox": ArchitectureLayout(
         layers="layers",
         attn_out="attention",
@@ -121,7 +125,8 @@ def find_layer_stack(model: nn.Module, layout: ArchitectureLayout) -> tuple[str,
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and (name == layout.layers or name.endswith("." + layout.layers))
+        if isinstance(module, nn.ModuleList)
+        and (name == layout.layers or name.endswith("." + layout.layers))
         and "base_layer" not in name.split(".")
     ]
     if not candidates:
@@ -186,7 +191,11 @@ def resolve_attach_point(model: nn.Module, hook: str) -> AttachPoint:
         return AttachPoint(**{**previous.__dict__, "hook": hook, "layer": layer, "kind": kind})
     if kind == "hook_resid_pre":
         point = AttachPoint(
-            hook, layer_path, "input", layer, kind,
+            hook,
+            layer_path,
+            "input",
+            layer,
+            kind,
             merge_blocker="the input of the first layer comes straight from the embeddings, which have no bias",
         )
     elif kind == "hook_resid_post":
@@ -200,7 +209,14 @@ def resolve_attach_point(model: nn.Module, hook: str) -> AttachPoint:
     elif kind == "hook_attn_out":
         blocker = norm_blocker if layout.post_norms else None
         point = AttachPoint(
-            hook, f"{layer_path}.{layout.attn_out}", "output", layer, kind, None if blocker else attn_proj, False, blocker
+            hook,
+            f"{layer_path}.{layout.attn_out}",
+            "output",
+            layer,
+            kind,
+            None if blocker else attn_proj,
+            False,
+            blocker,
         )
     else:  # attn.hook_z: the concatenated head outputs are the input of the attention output projection
         point = AttachPoint(hook, attn_proj, "input", layer, kind, attn_proj, True, None)
@@ -211,8 +227,13 @@ def resolve_attach_point(model: nn.Module, hook: str) -> AttachPoint:
             "Pass a module path that exists as the SAE's 'hook' instead."
         )
     if point.merge_linear is not None and not _has_module(model, point.merge_linear):
-        point = AttachPoint(**{**point.__dict__, "merge_linear": None,
-                               "merge_blocker": f"the model has no {point.merge_linear!r} to hold a bias"})
+        point = AttachPoint(
+            **{
+                **point.__dict__,
+                "merge_linear": None,
+                "merge_blocker": f"the model has no {point.merge_linear!r} to hold a bias",
+            }
+        )
     return point
 
 

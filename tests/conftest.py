@@ -12,8 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import peft_isaerft  # noqa: E402,F401  (registers the PEFT method)
-from sae_lens import (  # noqa: E402
+from sae_lens import (
     GatedSAE,
     GatedSAEConfig,
     JumpReLUSAE,
@@ -23,7 +22,7 @@ from sae_lens import (  # noqa: E402
     TopKSAE,
     TopKSAEConfig,
 )
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
@@ -37,6 +36,8 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
+import peft_isaerft  # noqa: F401  (registers the PEFT method)
+
 HIDDEN = 32
 LAYERS = 3
 VOCAB = 64
@@ -45,9 +46,18 @@ HEADS = 4
 
 def _llama_like(cls, **extra):
     return cls(
-        hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.2,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
     )
 
 
@@ -60,11 +70,29 @@ CONFIGS: dict[str, Callable[[], object]] = {
     "gemma2": lambda: _llama_like(Gemma2Config, head_dim=HIDDEN // HEADS),
     "gemma3_text": lambda: _llama_like(Gemma3TextConfig, head_dim=HIDDEN // HEADS),
     "phi3": lambda: _llama_like(Phi3Config),
-    "gpt2": lambda: GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=128,
-                               initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    "gpt_neox": lambda: GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                                      num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=128,
-                                      initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt2": lambda: GPT2Config(
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        vocab_size=VOCAB,
+        n_positions=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 ARCHS = list(CONFIGS)
 
@@ -84,8 +112,14 @@ SAE_CLASSES = {
 }
 
 
-def make_sae(folder: Path, d_in: int = HIDDEN, d_sae: int = 128, architecture: str = "standard",
-             hook: str | None = None, seed: int = 0) -> Path:
+def make_sae(
+    folder: Path,
+    d_in: int = HIDDEN,
+    d_sae: int = 128,
+    architecture: str = "standard",
+    hook: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Build a real sae-lens SAE with non-trivial weights, save it with `save_model`, return the folder."""
     torch.manual_seed(seed)
     sae_cls, cfg_cls, extra = SAE_CLASSES[architecture]

@@ -13,8 +13,10 @@ from peft_isaerft import ISaeRFTConfig
 @pytest.mark.parametrize("component", ["scale", "bias", "scale_bias"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_generate_with_and_without_cache_and_left_padding(arch, component, sae_factory) -> None:
-    saes = [{"path": str(sae_factory(hook="blocks.1.hook_resid_post"))},
-            {"path": str(sae_factory(hook="blocks.2.attn.hook_z", seed=3))}]
+    saes = [
+        {"path": str(sae_factory(hook="blocks.1.hook_resid_post"))},
+        {"path": str(sae_factory(hook="blocks.2.attn.hook_z", seed=3))},
+    ]
     model = get_peft_model(make_model(arch), ISaeRFTConfig(saes=saes, component=component, init_weights=False))
     prompt = torch.tensor([[5, 9, 17, 23, 31, 8]])
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)

@@ -42,7 +42,7 @@ def test_adapter_file_holds_only_trained_parameters(trained) -> None:
     assert all(t.shape == (128,) for t in tensors.values())
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "ISAERFT" and len(config["saes"]) == 2
-    trainable, total = peft_model.get_nb_trainable_parameters()
+    trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == 4 * 128
 
 
@@ -118,12 +118,20 @@ def test_unload_restores_the_base_model(trained, input_ids) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "hook"),
-    [("llama", "blocks.1.hook_resid_post"), ("llama", "blocks.2.hook_resid_pre"), ("gpt2", "blocks.1.hook_mlp_out"),
-     ("qwen2", "blocks.1.hook_attn_out"), ("gpt_neox", "blocks.1.attn.hook_z"), ("gpt2", "blocks.2.attn.hook_z")],
+    [
+        ("llama", "blocks.1.hook_resid_post"),
+        ("llama", "blocks.2.hook_resid_pre"),
+        ("gpt2", "blocks.1.hook_mlp_out"),
+        ("qwen2", "blocks.1.hook_attn_out"),
+        ("gpt_neox", "blocks.1.attn.hook_z"),
+        ("gpt2", "blocks.2.attn.hook_z"),
+    ],
 )
 def test_merge_bias_adapter_is_exact(arch, hook, sae_factory, input_ids) -> None:
-    peft_model = get_peft_model(make_model(arch), ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}],
-                                                                component="bias", init_weights=False))
+    peft_model = get_peft_model(
+        make_model(arch),
+        ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}], component="bias", init_weights=False),
+    )
     with torch.no_grad():
         expected = peft_model(input_ids).logits
         merged = peft_model.merge_and_unload()
@@ -133,8 +141,10 @@ def test_merge_bias_adapter_is_exact(arch, hook, sae_factory, input_ids) -> None
 
 def test_merged_llama_saves_and_reloads_as_plain_transformers(sae_factory, tmp_path, input_ids) -> None:
     hook = "blocks.1.hook_resid_post"
-    peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}],
-                                                                   component="bias", init_weights=False))
+    peft_model = get_peft_model(
+        make_model("llama"),
+        ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}], component="bias", init_weights=False),
+    )
     with torch.no_grad():
         expected = peft_model(input_ids).logits
     merged = peft_model.merge_and_unload()
@@ -146,16 +156,24 @@ def test_merged_llama_saves_and_reloads_as_plain_transformers(sae_factory, tmp_p
 
 
 def test_merge_without_config_switch_warns(sae_factory, input_ids, caplog) -> None:
-    peft_model = get_peft_model(make_model("mistral"), ISaeRFTConfig(
-        saes=[{"path": str(sae_factory(hook="blocks.1.hook_mlp_out"))}], component="bias", init_weights=False))
+    peft_model = get_peft_model(
+        make_model("mistral"),
+        ISaeRFTConfig(
+            saes=[{"path": str(sae_factory(hook="blocks.1.hook_mlp_out"))}], component="bias", init_weights=False
+        ),
+    )
     with caplog.at_level(logging.WARNING):
         peft_model.merge_and_unload()
     assert "would drop them" in caplog.text
 
 
 def test_merge_and_unmerge_adapter_round_trip(sae_factory, input_ids) -> None:
-    peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(
-        saes=[{"path": str(sae_factory(hook="blocks.1.hook_mlp_out"))}], component="bias", init_weights=False))
+    peft_model = get_peft_model(
+        make_model("llama"),
+        ISaeRFTConfig(
+            saes=[{"path": str(sae_factory(hook="blocks.1.hook_mlp_out"))}], component="bias", init_weights=False
+        ),
+    )
     with torch.no_grad():
         expected = peft_model(input_ids).logits
         base = peft_model.get_base_model()
@@ -167,16 +185,22 @@ def test_merge_and_unmerge_adapter_round_trip(sae_factory, input_ids) -> None:
         torch.testing.assert_close(peft_model(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("arch", "component", "hook", "message"), [
-    ("llama", "scale", "blocks.1.hook_resid_post", "nonlinearity"),
-    ("llama", "scale_bias", "blocks.1.hook_resid_post", "cannot be merged"),
-    ("gemma2", "bias", "blocks.1.hook_resid_post", "post-norms"),
-    ("llama", "bias", "blocks.0.hook_resid_pre", "embeddings"),
-])
-def test_unmergeable_adapters_raise_and_leave_model_intact(arch, component, hook, message, sae_factory,
-                                                           input_ids) -> None:
-    peft_model = get_peft_model(make_model(arch), ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}],
-                                                                component=component, init_weights=False))
+@pytest.mark.parametrize(
+    ("arch", "component", "hook", "message"),
+    [
+        ("llama", "scale", "blocks.1.hook_resid_post", "nonlinearity"),
+        ("llama", "scale_bias", "blocks.1.hook_resid_post", "cannot be merged"),
+        ("gemma2", "bias", "blocks.1.hook_resid_post", "post-norms"),
+        ("llama", "bias", "blocks.0.hook_resid_pre", "embeddings"),
+    ],
+)
+def test_unmergeable_adapters_raise_and_leave_model_intact(
+    arch, component, hook, message, sae_factory, input_ids
+) -> None:
+    peft_model = get_peft_model(
+        make_model(arch),
+        ISaeRFTConfig(saes=[{"path": str(sae_factory(hook=hook))}], component=component, init_weights=False),
+    )
     with torch.no_grad():
         expected = peft_model(input_ids).logits
     with pytest.raises(ValueError, match=message):

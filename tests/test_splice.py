@@ -11,8 +11,11 @@ from sae_lens import SAE
 from peft_isaerft import ISaeRFTConfig
 
 ALL_HOOKS = [
-    "blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out",
-    "blocks.2.hook_attn_out", "blocks.2.attn.hook_z",
+    "blocks.0.hook_resid_pre",
+    "blocks.1.hook_resid_post",
+    "blocks.1.hook_mlp_out",
+    "blocks.2.hook_attn_out",
+    "blocks.2.attn.hook_z",
 ]
 
 
@@ -27,8 +30,9 @@ def test_fresh_adapter_with_sae_at_every_hook_kind_keeps_logits(arch, sae_factor
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids).logits, base, atol=1e-5, rtol=0)
         # random (non-identity) parameters must move the outputs, or the splice is not wired in
-        peft_random = get_peft_model(make_model(arch), ISaeRFTConfig(saes=saes, component="scale_bias",
-                                                                      init_weights=False))
+        peft_random = get_peft_model(
+            make_model(arch), ISaeRFTConfig(saes=saes, component="scale_bias", init_weights=False)
+        )
         assert (peft_random(input_ids).logits - base).abs().max() > 1e-2
 
 
@@ -36,8 +40,9 @@ def _hidden_after_layer(model, input_ids, layer: int) -> torch.Tensor:
     """The residual stream after ``layer``, read as the input of the next layer (spliced or not)."""
     seen = []
     layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
-    handle = layers[layer + 1].register_forward_pre_hook(lambda _module, args, kwargs: seen.append(
-        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    handle = layers[layer + 1].register_forward_pre_hook(
+        lambda _module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     try:
         model(input_ids)
     finally:
@@ -53,8 +58,9 @@ def test_residual_changes_by_latent_edit_times_decoder(component, architecture, 
     sae = SAE.load_from_disk(str(folder))
     with torch.no_grad():
         h = _hidden_after_layer(model, input_ids, 1)
-    peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], component=component,
-                                                     init_weights=False))
+    peft_model = get_peft_model(
+        model, ISaeRFTConfig(saes=[{"path": str(folder)}], component=component, init_weights=False)
+    )
     layer = peft_model.base_model.model.model.layers[1]
     scale = layer.isaerft_scale["default"] if "scale" in component else torch.zeros(sae.cfg.d_sae)
     bias = layer.isaerft_bias["default"] if "bias" in component else torch.zeros(sae.cfg.d_sae)
@@ -69,8 +75,9 @@ def test_residual_changes_by_latent_edit_times_decoder(component, architecture, 
 
 def test_bias_adapter_never_runs_the_encoder(sae_factory, input_ids, monkeypatch) -> None:
     folder = sae_factory(hook="blocks.1.hook_resid_post")
-    peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}], component="bias",
-                                                                   init_weights=False))
+    peft_model = get_peft_model(
+        make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}], component="bias", init_weights=False)
+    )
     splice = peft_model.base_model.model.model.layers[1].isaerft_splices["default"]
 
     def forbidden(_):
@@ -102,8 +109,10 @@ def test_half_precision_model_with_float32_sae(dtype, sae_factory, input_ids) ->
         out = peft_model(input_ids).logits
     assert out.dtype == dtype
     torch.testing.assert_close(out, base)
-    peft_bf16 = get_peft_model(make_model("llama", dtype=dtype),
-                               ISaeRFTConfig(saes=[{"path": str(folder)}], sae_dtype="bfloat16", init_weights=False))
+    peft_bf16 = get_peft_model(
+        make_model("llama", dtype=dtype),
+        ISaeRFTConfig(saes=[{"path": str(folder)}], sae_dtype="bfloat16", init_weights=False),
+    )
     assert peft_bf16.base_model.model.model.layers[1].isaerft_splices["default"].sae.W_dec.dtype == torch.bfloat16
     loss = peft_bf16(input_ids, labels=input_ids).loss
     loss.backward()

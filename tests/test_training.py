@@ -22,17 +22,28 @@ def _dataset(n: int = 16, length: int = 16) -> Dataset:
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
     defaults = dict(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2,
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     defaults.update(overrides)
     return TrainingArguments(**defaults)
 
 
 def _peft_model(sae_factory, component="scale_bias", **config):
-    saes = [{"path": str(sae_factory(hook="blocks.1.hook_resid_post", seed=0))},
-            {"path": str(sae_factory(hook="blocks.2.hook_mlp_out", seed=1))}]
+    saes = [
+        {"path": str(sae_factory(hook="blocks.1.hook_resid_post", seed=0))},
+        {"path": str(sae_factory(hook="blocks.2.hook_mlp_out", seed=1))},
+    ]
     return get_peft_model(make_model("llama"), ISaeRFTConfig(saes=saes, component=component, **config))
 
 
@@ -65,8 +76,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(sae_factory, tmp_path) 
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
     # and the Trainer runs with it switched on
     model = _peft_model(sae_factory)
-    Trainer(model=model, args=_args(tmp_path, gradient_checkpointing=True, max_steps=2),
-            train_dataset=_dataset()).train()
+    Trainer(
+        model=model, args=_args(tmp_path, gradient_checkpointing=True, max_steps=2), train_dataset=_dataset()
+    ).train()
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(sae_factory, tmp_path) -> None:
@@ -74,13 +86,17 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(sae_factory, tmp_path)
     Trainer(model=straight, args=_args(tmp_path / "a"), train_dataset=_dataset()).train()
 
     interrupted = _peft_model(sae_factory)
-    Trainer(model=interrupted, args=_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2),
-            train_dataset=_dataset()).train()
+    Trainer(
+        model=interrupted,
+        args=_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=_dataset(),
+    ).train()
     checkpoint = tmp_path / "b" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists()
     resumed = _peft_model(sae_factory)
     Trainer(model=resumed, args=_args(tmp_path / "b", max_steps=4), train_dataset=_dataset()).train(
-        resume_from_checkpoint=str(checkpoint))
+        resume_from_checkpoint=str(checkpoint)
+    )
     expected = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     for name, parameter in resumed.named_parameters():
         if parameter.requires_grad:
@@ -103,8 +119,7 @@ def test_proximal_l1_in_plain_trainer_zeroes_most_latents(component, sae_factory
 
 
 def test_latent_allow_and_deny_lists(sae_factory, tmp_path) -> None:
-    model = _peft_model(sae_factory, component="bias",
-                        latent_allowlist={"0": [1, 2, 3]}, latent_denylist={"1": [0, 5]})
+    model = _peft_model(sae_factory, component="bias", latent_allowlist={"0": [1, 2, 3]}, latent_denylist={"1": [0, 5]})
     Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset()).train()
     first = model.base_model.model.model.layers[1].isaerft_bias["default"]
     second = model.base_model.model.model.layers[2].mlp.isaerft_bias["default"]

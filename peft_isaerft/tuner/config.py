@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
+from safetensors import safe_open
 
 from ..components import get_component
 from ..saes import SAEReference
@@ -127,6 +129,24 @@ class ISaeRFTConfig(PeftConfig):
                 )
             if not all(isinstance(i, int) and i >= 0 for i in latents):
                 raise ValueError(f"{name}[{key!r}] must be a list of non-negative latent ids, got {latents!r}.")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> ISaeRFTConfig:
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = os.path.join(str(pretrained_model_name_or_path), subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            # PEFT reads the weights later and reports a corrupt file without naming it
+            try:
+                with safe_open(weights, framework="pt"):
+                    pass
+            except Exception as error:
+                raise ValueError(
+                    f"Adapter weights {weights!r} cannot be read ({error}); the file is corrupt or truncated. "
+                    "Save the adapter again or download it anew."
+                ) from error
+        return config
 
     @property
     def references(self) -> list[SAEReference]:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..attach_points import AttachPoint
-from ..components import Component, get_component, residual_delta
+from ..components import Component, residual_delta
 from ..saes import SAEReference, decoder_directions
 from ..sparsity import register_l1
 from .config import ISaeRFTConfig
@@ -47,8 +47,14 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("isaerft_scale", "isaerft_bias")
     other_param_names = ("isaerft_latent_mask", "isaerft_splices")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, splice: Splice, config: ISaeRFTConfig,
-                 latent_mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        splice: Splice,
+        config: ISaeRFTConfig,
+        latent_mask: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.isaerft_scale = nn.ParameterDict({})
@@ -70,8 +76,9 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 raise
             return getattr(self.base_layer, name)
 
-    def update_layer(self, adapter_name: str, splice: Splice, config: ISaeRFTConfig,
-                     latent_mask: torch.Tensor | None = None) -> None:
+    def update_layer(
+        self, adapter_name: str, splice: Splice, config: ISaeRFTConfig, latent_mask: torch.Tensor | None = None
+    ) -> None:
         """Add (or replace) the splice and parameters of ``adapter_name`` on this module."""
         if adapter_name in self.isaerft_splices:
             other = self.isaerft_splices[adapter_name]
@@ -89,7 +96,9 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
             if config.init_weights:
                 values = torch.zeros(d_sae, dtype=torch.float32, device=device)
             else:
-                generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{name}/{splice.sae_index}".encode()))
+                generator = torch.Generator().manual_seed(
+                    zlib.crc32(f"{adapter_name}/{name}/{splice.sae_index}".encode())
+                )
                 values = (torch.randn(d_sae, generator=generator) * 0.1).to(device)
             if latent_mask is not None:
                 values = values * latent_mask.to(device)

@@ -95,17 +95,18 @@ class ISaeRFTModel(BaseTuner):
         self._check_new_adapter_config(peft_config)
         existing = [p for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) for p in m.parameters()]
         existing_ids = {id(p) for p in existing}
-        previous_requires_grad = [
-            (p, p.requires_grad) for p in model.parameters() if id(p) not in existing_ids
-        ] if existing else []
+        previous_requires_grad = (
+            [(p, p.requires_grad) for p in model.parameters() if id(p) not in existing_ids] if existing else []
+        )
 
         splices = self._build_splices(model, peft_config)
         ordered = sorted(splices, key=lambda item: item[0].point.module_path.count("."), reverse=True)
         for splice, mask in ordered:
             parent, target, target_name = _locate(model, splice.point.module_path)
             self._pending = (splice, mask)
-            self._create_and_replace(peft_config, adapter_name, target, target_name, parent,
-                                     current_key=splice.point.module_path)
+            self._create_and_replace(
+                peft_config, adapter_name, target, target_name, parent, current_key=splice.point.module_path
+            )
         self._pending = None
         targeted = sorted({splice.point.module_path for splice, _ in splices})
         peft_config.target_modules = targeted
@@ -212,8 +213,9 @@ class ISaeRFTModel(BaseTuner):
             if merge:
                 before = {id(m) for m, created, _ in layer._merged_constants.values() if created}
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                created_bias += [m for m, created, _ in layer._merged_constants.values()
-                                 if created and id(m) not in before]
+                created_bias += [
+                    m for m, created, _ in layer._merged_constants.values() if created and id(m) not in before
+                ]
             setattr(parent, child_name, layer.get_base_layer())
         if created_bias:
             self._declare_new_biases(created_bias)
@@ -248,8 +250,10 @@ class ISaeRFTModel(BaseTuner):
             for module in touched:
                 if isinstance(module, (nn.Linear, Conv1D)) and module.bias is None:
                     out_features = module.weight.shape[0]
-                    module.bias = nn.Parameter(torch.zeros(out_features, dtype=module.weight.dtype,
-                                                           device=module.weight.device), requires_grad=False)
+                    module.bias = nn.Parameter(
+                        torch.zeros(out_features, dtype=module.weight.dtype, device=module.weight.device),
+                        requires_grad=False,
+                    )
             logger.info("Set config.%s=True so the merged biases are saved and loaded with the model.", flag)
 
 
@@ -296,7 +300,9 @@ def _latent_mask(config: ISaeRFTConfig, index: int, hook: str, d_sae: int, label
     for name, latents in (("latent_allowlist", allow), ("latent_denylist", deny)):
         too_large = [i for i in latents or [] if i >= d_sae]
         if too_large:
-            raise ValueError(f"{name} for SAE {label} names latents {too_large[:5]}, but it has {d_sae} (0..{d_sae - 1}).")
+            raise ValueError(
+                f"{name} for SAE {label} names latents {too_large[:5]}, but it has {d_sae} (0..{d_sae - 1})."
+            )
     mask = torch.ones(d_sae) if allow is None else torch.zeros(d_sae)
     if allow is not None:
         mask[allow] = 1.0
