@@ -17,8 +17,17 @@ import logging
 
 from .attach_points import ARCHITECTURES, AttachPoint, resolve_attach_point
 from .components import COMPONENTS
+from .interpret import (
+    LatentTrackingCallback,
+    diff_adapters,
+    feature_report,
+    install_model_card_hook,
+    render,
+)
 from .saes import SAEReference, load_sae
 from .tuner import ISaeRFTConfig, ISaeRFTLayer, ISaeRFTModel
+
+install_model_card_hook()
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -31,8 +40,12 @@ __all__ = [
     "ISaeRFTConfig",
     "ISaeRFTLayer",
     "ISaeRFTModel",
+    "LatentTrackingCallback",
     "SAEReference",
     "__version__",
+    "diff_adapters",
+    "feature_report",
     "load_sae",
+    "render",
     "resolve_attach_point",
 ]

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 from safetensors import safe_open
@@ -88,8 +89,8 @@ class ISaeRFTConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Filled in when the adapter is attached: the module paths that were wrapped. Informational; the "
-                "attach points come from `saes`."
+                "Filled in when the adapter is attached: the module path each SAE of `saes` was spliced into, in "
+                "the same order. Reports read a saved adapter with it; the attach points themselves come from `saes`."
             )
         },
     )
@@ -160,3 +161,27 @@ class ISaeRFTConfig(PeftConfig):
             if key is not None and key in lists:
                 return list(lists[key])
         return None
+
+    def latent_mask(self, index: int, hook: str | None, d_sae: int, label: str = "") -> torch.Tensor | None:
+        """1 for latents this SAE may train, 0 for the rest; None when no allow- or deny-list applies.
+
+        Raises:
+            ValueError: a list names a latent id the SAE does not have.
+        """
+        allow = self.latent_list("latent_allowlist", index, hook)
+        deny = self.latent_list("latent_denylist", index, hook)
+        if allow is None and deny is None:
+            return None
+        for name, latents in (("latent_allowlist", allow), ("latent_denylist", deny)):
+            too_large = [i for i in latents or [] if i >= d_sae]
+            if too_large:
+                raise ValueError(
+                    f"{name} for SAE {label or index} names latents {too_large[:5]}, but it has {d_sae} "
+                    f"(0..{d_sae - 1})."
+                )
+        mask = torch.ones(d_sae) if allow is None else torch.zeros(d_sae)
+        if allow is not None:
+            mask[allow] = 1.0
+        if deny is not None:
+            mask[deny] = 0.0
+        return mask

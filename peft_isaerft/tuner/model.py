@@ -77,7 +77,7 @@ class ISaeRFTModel(BaseTuner):
             device = _device_of(module)
             if device is not None and sae.W_dec.device != device:
                 sae.to(device)
-            mask = _latent_mask(config, index, hook, sae.cfg.d_sae, reference.label)
+            mask = config.latent_mask(index, hook, sae.cfg.d_sae, reference.label)
             splices.append((Splice(point, reference, index, component, sae), mask))
         return splices
 
@@ -108,9 +108,9 @@ class ISaeRFTModel(BaseTuner):
                 peft_config, adapter_name, target, target_name, parent, current_key=splice.point.module_path
             )
         self._pending = None
-        targeted = sorted({splice.point.module_path for splice, _ in splices})
-        peft_config.target_modules = targeted
-        for name in targeted:
+        # one module per SAE, in the order of `saes`: readers of a saved adapter map weights to SAEs with it
+        peft_config.target_modules = [splice.point.module_path for splice, _ in splices]
+        for name in sorted(set(peft_config.target_modules)):
             if name not in self.targeted_module_names:
                 self.targeted_module_names.append(name)
 
@@ -290,22 +290,3 @@ def _width_at(model: nn.Module, module: nn.Module, point: AttachPoint) -> int | 
         if config is not None and getattr(config, attribute, None):
             return int(getattr(config, attribute))
     return None
-
-
-def _latent_mask(config: ISaeRFTConfig, index: int, hook: str, d_sae: int, label: str) -> torch.Tensor | None:
-    allow = config.latent_list("latent_allowlist", index, hook)
-    deny = config.latent_list("latent_denylist", index, hook)
-    if allow is None and deny is None:
-        return None
-    for name, latents in (("latent_allowlist", allow), ("latent_denylist", deny)):
-        too_large = [i for i in latents or [] if i >= d_sae]
-        if too_large:
-            raise ValueError(
-                f"{name} for SAE {label} names latents {too_large[:5]}, but it has {d_sae} (0..{d_sae - 1})."
-            )
-    mask = torch.ones(d_sae) if allow is None else torch.zeros(d_sae)
-    if allow is not None:
-        mask[allow] = 1.0
-    if deny is not None:
-        mask[deny] = 0.0
-    return mask

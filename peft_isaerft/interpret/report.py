@@ -1,0 +1,120 @@
+"""`feature_report`: the SAE features a fine-tune changed most, named where names are known."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .activations import LatentStatistics, latent_statistics
+from .contents import SpliceContents, load_contents
+from .labels import Labels, dashboard_url, sae_key
+
+
+@dataclass
+class FeatureRecord:
+    """One trained number of an adapter, tied to the SAE feature it acts on."""
+
+    adapter: str
+    hook: str
+    sae: str
+    latent: int
+    param: str
+    value: float
+    effect: float
+    """How far it moves the residual stream: |b| * ||d|| for a bias; |s| * ||d|| * mean activation for a scale
+    when data was given (per unit of activation otherwise)."""
+    label: str | None = None
+    url: str | None = None
+    context: str | None = None
+    """The top-activating context on the given data, used as the label when no other label exists."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def feature_report(
+    model_or_adapter_dir: Any,
+    top_k: int = 20,
+    labels: Labels | None = None,
+    texts: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    statistics: dict[str, LatentStatistics] | None = None,
+    adapter_name: str | None = None,
+    per_hook: bool = False,
+) -> list[FeatureRecord]:
+    """The latents an ISaeRFT adapter changes most, sorted by ``effect`` (descending).
+
+    Args:
+        model_or_adapter_dir: a PeftModel with an ISaeRFT adapter, or a saved adapter folder (read without
+            loading the base model unless ``texts`` are given).
+        top_k: how many records to return (overall, or per attach point with ``per_hook=True``).
+        labels: ``{(sae_key, latent): text}`` from :mod:`peft_isaerft.interpret.labels`.
+        texts, tokenizer: data on which to measure how often each latent fires; weights scale effects and
+            gives every record its top-activating context (an offline auto-label).
+        statistics: precomputed :func:`latent_statistics` (instead of ``texts``).
+
+    Example:
+        >>> for record in feature_report("my_adapter", top_k=5):  # doctest: +SKIP
+        ...     print(record.hook, record.latent, record.param, round(record.value, 3), record.label)
+    """
+    if texts is not None and statistics is None:
+        model = model_or_adapter_dir
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            model, tokenizer = _load_for_data(str(model_or_adapter_dir), tokenizer)
+        if tokenizer is None:
+            raise ValueError("feature_report(texts=...) needs the tokenizer of the base model.")
+        statistics = latent_statistics(model, tokenizer, texts, adapter_name=adapter_name)
+        model_or_adapter_dir = model
+    contents = load_contents(model_or_adapter_dir, adapter_name)
+    records: list[FeatureRecord] = []
+    for splice in contents:
+        records.extend(_records_for(splice, labels or {}, (statistics or {}).get(splice.module_path)))
+    records.sort(key=lambda r: r.effect, reverse=True)
+    if not per_hook:
+        return records[:top_k]
+    kept: list[FeatureRecord] = []
+    for hook in dict.fromkeys(r.hook for r in records):
+        kept.extend([r for r in records if r.hook == hook][:top_k])
+    return sorted(kept, key=lambda r: r.effect, reverse=True)
+
+
+def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics | None) -> list[FeatureRecord]:
+    norms = splice.decoder_norms
+    key = sae_key(splice.reference)
+    records = []
+    for param, values in splice.parameters().items():
+        effect = values.abs() * norms
+        if param == "scale" and stats is not None:
+            effect = effect * stats.mean_activation.clamp_min(0)
+        for latent in torch.nonzero(values).flatten().tolist():
+            context = stats.context(latent) if stats is not None else None
+            records.append(
+                FeatureRecord(
+                    adapter=splice.adapter,
+                    hook=splice.hook,
+                    sae=splice.reference.label,
+                    latent=latent,
+                    param=param,
+                    value=float(values[latent]),
+                    effect=float(effect[latent]),
+                    label=labels.get((key, latent)) or (f"fires on: {context}" if context else None),
+                    url=dashboard_url(splice.reference, latent),
+                    context=context,
+                )
+            )
+    return records
+
+
+def _load_for_data(adapter_dir: str, tokenizer: Any) -> tuple[Any, Any]:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model.peft_config[model.active_adapter].base_model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
