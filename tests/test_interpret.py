@@ -97,7 +97,7 @@ def test_labels_from_neuronpedia_export(tmp_path) -> None:
     assert labels == {("gemma-2-2b/20-gemmascope-res-16k", 12): "references to the sea"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         load_neuronpedia_export(bad)
 
 
@@ -105,7 +105,7 @@ def test_neuronpedia_fetch_against_local_server_with_disk_cache(tmp_path) -> Non
     requests = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             requests.append(self.path)
             index = int(self.path.rsplit("/", 1)[1])
             if index == 99:
