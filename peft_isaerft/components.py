@@ -62,26 +62,86 @@ def get_component(name: str) -> Component:
     return COMPONENTS[name]
 
 
+# encoders of the form z = act((h - b_dec) @ W_enc + b_enc) whose active latents have dz/dh = W_enc[:, i]
+SPARSE_BACKWARD_ARCHITECTURES = frozenset({"standard", "topk", "jumprelu"})
+
+
 def residual_delta(
     encode: Callable[[torch.Tensor], torch.Tensor],
     decoder: torch.Tensor,
     hidden: torch.Tensor,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    encoder: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The change ``(f(z) - z) @ D`` to add to ``hidden``, computed in the decoder's dtype.
 
     The bias part is one ``d_sae x d_in`` product for the whole batch; the scale part decodes only the
-    change, never the full reconstruction, and never recomputes the error term (it cancels).
+    change, never the full reconstruction, and never recomputes the error term (it cancels). When the
+    SAE's ``encoder`` (``W_enc``) is given, the scale part keeps only the active latents for the backward
+    pass (see :class:`SparseLatentScale`); otherwise it is plain autograd over dense latents.
     """
     compute_dtype = decoder.dtype
-    sae_hidden = hidden.to(compute_dtype) if scale is not None else hidden
     out: torch.Tensor | None = None
     if scale is not None:
-        out = (encode(sae_hidden) * scale.to(compute_dtype)) @ decoder
+        sae_hidden = hidden.to(compute_dtype)
+        scale = scale.to(compute_dtype)
+        if encoder is not None:
+            out = sparse_scale_delta(encode, encoder, decoder, sae_hidden, scale)
+        else:
+            out = (encode(sae_hidden) * scale) @ decoder
     if bias is not None:
         constant = bias.to(compute_dtype) @ decoder
         out = constant if out is None else out + constant
     if out is None:
         raise ValueError("residual_delta needs a scale, a bias or both.")
     return out.to(hidden.dtype)
+
+
+def sparse_scale_delta(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    encoder: torch.Tensor,
+    decoder: torch.Tensor,
+    hidden: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """``(s * z) @ D`` with z kept as (value, index) pairs of its active latents only."""
+    with torch.no_grad():
+        latents = encode(hidden)
+        flat = latents.reshape(-1, latents.shape[-1])
+        width = max(int((flat != 0).sum(-1).max()), 1)
+        values, indices = flat.abs().topk(width, dim=-1, sorted=False)
+        values = flat.gather(1, indices)
+        del latents, flat
+    delta = SparseLatentScale.apply(hidden.reshape(-1, hidden.shape[-1]), scale, values, indices, encoder, decoder)
+    return delta.reshape(hidden.shape)
+
+
+class SparseLatentScale(torch.autograd.Function):
+    """``delta = sum_j v_j * s[i_j] * D[i_j]`` over the active latents ``(v, i)`` of each token.
+
+    Saves only the ``tokens x L0`` values and indices for backward (not ``tokens x d_sae`` latents), and its
+    gradients touch only active latents. For the gradient into ``hidden`` it uses ``dz_i/dh = W_enc[:, i]`` on
+    active latents, which is exact for ReLU, TopK and JumpReLU encoders away from their switching points
+    (the same convention autograd uses).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, scale, values, indices, encoder, decoder):  # type: ignore[override]
+        weights = values * scale[indices]
+        delta = torch.nn.functional.embedding_bag(indices, decoder, per_sample_weights=weights, mode="sum")
+        ctx.save_for_backward(scale, values, indices, encoder, decoder)
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        scale, values, indices, encoder, decoder = ctx.saved_tensors
+        # grad . D[i] for every active latent; one transient product as wide as an encoder pass
+        grad_latents = (grad @ decoder.T).gather(1, indices)
+        grad_scale = grad_hidden = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = torch.zeros_like(scale).index_add_(0, indices.flatten(), (grad_latents * values).flatten())
+        if ctx.needs_input_grad[0]:
+            weights = grad_latents * scale[indices] * (values != 0)
+            grad_hidden = torch.nn.functional.embedding_bag(indices, encoder.T, per_sample_weights=weights, mode="sum")
+        return grad_hidden, grad_scale, None, None, None, None

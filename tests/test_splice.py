@@ -140,3 +140,34 @@ def test_device_map_auto_places_sae_on_attach_module_device(tmp_path, sae_factor
     layer = peft_model.base_model.model.model.layers[1]
     assert layer.isaerft_splices["default"].sae.W_dec.device == next(layer.base_layer.parameters()).device
     peft_model(input_ids.to(model.device))
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_sparse_scale_backward_matches_dense_autograd(architecture, sae_factory) -> None:
+    from peft_isaerft.components import residual_delta
+
+    sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, HIDDEN)
+    scale = torch.randn(sae.cfg.d_sae) * 0.3
+    results = []
+    for encoder in (None, sae.W_enc):
+        h = hidden.clone().requires_grad_(True)
+        s = scale.clone().requires_grad_(True)
+        delta = residual_delta(sae.encode, sae.W_dec, h, s, None, encoder=encoder)
+        (delta * torch.linspace(-1, 1, HIDDEN)).pow(2).sum().backward()
+        results.append((delta.detach(), h.grad, s.grad))
+    (dense_delta, dense_h, dense_s), (sparse_delta, sparse_h, sparse_s) = results
+    torch.testing.assert_close(sparse_delta, dense_delta, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_s, dense_s, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sparse_h, dense_h, atol=1e-5, rtol=1e-4)
+    assert (sparse_s != 0).sum() <= (sae.encode(hidden) != 0).any(0).any(0).sum()
+
+
+def test_sparse_path_is_used_for_topk_and_not_for_gated(sae_factory) -> None:
+    topk = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
+    gated = sae_factory(architecture="gated", hook="blocks.2.hook_resid_post")
+    model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(topk)}, {"path": str(gated)}]))
+    layers = model.base_model.model.model.layers
+    assert layers[1].isaerft_splices["default"].sparse_backward
+    assert not layers[2].isaerft_splices["default"].sparse_backward

