@@ -29,8 +29,8 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import peft_isaerft  # noqa: E402,F401
-from peft_isaerft import ISaeRFTConfig  # noqa: E402
+import peft_isaerft  # noqa: F401
+from peft_isaerft import ISaeRFTConfig
 
 
 class SavedTensorMeter:
@@ -40,7 +40,7 @@ class SavedTensorMeter:
         self.storages: dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad or tensor.grad_fn is not None:
+        if (not isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad) or tensor.grad_fn is not None:
             storage = tensor.untyped_storage()
             self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
@@ -173,8 +173,10 @@ def main() -> None:
                              "d_sae": d_sae, "seq": seq, "batch": batch, "step_s": seconds, "memory_mb": memory})
                 print(f"d_sae={d_sae:6d} seq={seq:5d} {method:11s} saes={rows[-1]['saes']} "
                       f"step {seconds:.3f}s memory {memory:.1f} MB", flush=True)
-            rows.append({"method": "encoder", "saes": 1, "d_sae": d_sae, "seq": seq, "batch": batch,
-                         "step_s": encoder_seconds(saes[0], reference, ids, max(3, args.repeats)), "memory_mb": 0.0})
+            if len(layers) == 1:
+                rows.append({"method": "encoder", "saes": 1, "d_sae": d_sae, "seq": seq, "batch": batch,
+                             "step_s": encoder_seconds(saes[0], reference, ids, max(3, args.repeats)),
+                             "memory_mb": 0.0})
     # ratios against LoRA and the base in the same (d_sae, seq) cell
     for row in rows:
         cell = [r for r in rows if r["d_sae"] == row["d_sae"] and r["seq"] == row["seq"]]
@@ -205,7 +207,7 @@ def main() -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n| d_sae | seq | method | SAEs | step (s) | vs LoRA | vs base | memory (MB) | memory vs LoRA |")
+    print("\n| d_sae | seq | method | SAEs | step (s) | vs LoRA | vs base | memory (MB) | memory vs LoRA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         memory_ratio = f"{r['memory_vs_lora']:.2f}" if r["memory_vs_lora"] is not None else "-"

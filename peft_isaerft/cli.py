@@ -1,8 +1,9 @@
-"""The ``isaerft`` command line: read adapters (``report``, ``diff``) and run the demo (``demo``).
+"""The ``isaerft`` command line: read adapters (``report``, ``diff``), audit data (``audit``), run the demo.
 
 Example:
     $ isaerft report out/adapter --top-k 15 --format md
     $ isaerft diff run_a/adapter run_b/adapter --top-k 20
+    $ isaerft audit --model my_model --sae my_sae --data data.jsonl --output audit
     $ isaerft demo
 """
 
@@ -84,6 +85,21 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import AuditSettings, audit_command
+
+    defaults = AuditSettings()
+    settings = AuditSettings(
+        component=args.component or defaults.component,
+        steps=args.steps or defaults.steps,
+        l1_coeff=defaults.l1_coeff if args.l1 is None else args.l1,
+        lr=args.lr or defaults.lr,
+        top_k=args.top_k or defaults.top_k,
+    )
+    audit_command(args.model, args.sae, args.data, args.output, settings)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -120,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--top-k", type=int, default=20)
     diff.add_argument("--format", choices=["table", "json"], default="table")
     diff.set_defaults(run=_diff)
+
+    audit = commands.add_parser("audit", help="fit a sparse ISaeRFT adapter to a dataset and report the features "
+                                "it pushes")
+    audit.add_argument("--model", required=True, help="local folder (with a tokenizer) or Hub id")
+    audit.add_argument("--sae", required=True, action="append", help="local sae-lens folder, else RELEASE/SAE_ID; "
+                       "repeat for several SAEs")
+    audit.add_argument("--data", required=True, help="jsonl: 'text', or 'prompt' and 'completion' (loss on the "
+                       "completion only)")
+    audit.add_argument("--output", required=True)
+    audit.add_argument("--component", choices=["bias", "scale", "scale_bias"])
+    audit.add_argument("--steps", type=int)
+    audit.add_argument("--l1", type=float, help="proximal L1 coefficient (gradient units)")
+    audit.add_argument("--lr", type=float)
+    audit.add_argument("--top-k", type=int)
+    audit.set_defaults(run=_audit)
 
     demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
     demo.add_argument(

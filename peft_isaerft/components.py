@@ -78,8 +78,8 @@ def residual_delta(
 
     The bias part is one ``d_sae x d_in`` product for the whole batch; the scale part decodes only the
     change, never the full reconstruction, and never recomputes the error term (it cancels). When the
-    SAE's ``encoder`` (``W_enc``) is given, the scale part keeps only the active latents for the backward
-    pass (see :class:`SparseLatentScale`); otherwise it is plain autograd over dense latents.
+    SAE's ``encoder`` (``W_enc`` transposed, ``d_sae x d_in``) is given, the scale part keeps only the active
+    latents for the backward pass (see :class:`SparseLatentScale`); otherwise it is plain autograd over dense latents.
     """
     compute_dtype = decoder.dtype
     out: torch.Tensor | None = None
@@ -105,25 +105,36 @@ def sparse_scale_delta(
     hidden: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """``(s * z) @ D`` with z kept as (value, index) pairs of its active latents only."""
+    """``(s * z) @ D`` with z kept as (value, index) pairs of its active latents only.
+
+    ``encoder`` is ``W_enc`` transposed (``d_sae x d_in``) and contiguous, so that gathering one latent's encoder
+    row is a contiguous read.
+    """
     with torch.no_grad():
-        latents = encode(hidden)
-        flat = latents.reshape(-1, latents.shape[-1])
-        width = max(int((flat != 0).sum(-1).max()), 1)
-        values, indices = flat.abs().topk(width, dim=-1, sorted=False)
-        values = flat.gather(1, indices)
-        del latents, flat
+        values, indices = active_latents(encode(hidden))
     delta = SparseLatentScale.apply(hidden.reshape(-1, hidden.shape[-1]), scale, values, indices, encoder, decoder)
     return delta.reshape(hidden.shape)
+
+
+def active_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)``, each ``tokens x L0max``, of the non-zero latents of every token (zero-padded)."""
+    flat = latents.reshape(-1, latents.shape[-1])
+    width = max(int((flat != 0).sum(-1).max()), 1)
+    indices = flat.abs().topk(width, dim=-1, sorted=False).indices
+    return flat.gather(1, indices), indices
+
+
+_BACKWARD_CHUNK = 1024
 
 
 class SparseLatentScale(torch.autograd.Function):
     """``delta = sum_j v_j * s[i_j] * D[i_j]`` over the active latents ``(v, i)`` of each token.
 
     Saves only the ``tokens x L0`` values and indices for backward (not ``tokens x d_sae`` latents), and its
-    gradients touch only active latents. For the gradient into ``hidden`` it uses ``dz_i/dh = W_enc[:, i]`` on
-    active latents, which is exact for ReLU, TopK and JumpReLU encoders away from their switching points
-    (the same convention autograd uses).
+    gradients touch only active latents: ``grad . D[i]`` is computed for active pairs only (``tokens x L0 x d_in``
+    work instead of a ``tokens x d_sae x d_in`` product). For the gradient into ``hidden`` it uses
+    ``dz_i/dh = W_enc[:, i]`` on active latents, exact for ReLU, TopK and JumpReLU encoders away from their
+    switching points (the same convention autograd uses).
     """
 
     @staticmethod
@@ -136,12 +147,15 @@ class SparseLatentScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         scale, values, indices, encoder, decoder = ctx.saved_tensors
-        # grad . D[i] for every active latent; one transient product as wide as an encoder pass
-        grad_latents = (grad @ decoder.T).gather(1, indices)
+        grad_latents = torch.empty_like(values)
+        for start in range(0, grad.shape[0], _BACKWARD_CHUNK):
+            stop = start + _BACKWARD_CHUNK
+            rows = decoder[indices[start:stop]]  # chunk x L0 x d_in
+            grad_latents[start:stop] = torch.bmm(rows, grad[start:stop].unsqueeze(-1)).squeeze(-1)
         grad_scale = grad_hidden = None
         if ctx.needs_input_grad[1]:
             grad_scale = torch.zeros_like(scale).index_add_(0, indices.flatten(), (grad_latents * values).flatten())
         if ctx.needs_input_grad[0]:
             weights = grad_latents * scale[indices] * (values != 0)
-            grad_hidden = torch.nn.functional.embedding_bag(indices, encoder.T, per_sample_weights=weights, mode="sum")
+            grad_hidden = torch.nn.functional.embedding_bag(indices, encoder, per_sample_weights=weights, mode="sum")
         return grad_hidden, grad_scale, None, None, None, None

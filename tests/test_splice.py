@@ -154,7 +154,9 @@ def test_sparse_scale_backward_matches_dense_autograd(architecture, sae_factory)
     for encoder in (None, sae.W_enc):
         h = hidden.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
-        delta = residual_delta(sae.encode, sae.W_dec, h, s, None, encoder=encoder)
+        delta = residual_delta(
+            sae.encode, sae.W_dec, h, s, None, encoder=None if encoder is None else encoder.T.contiguous()
+        )
         (delta * torch.linspace(-1, 1, HIDDEN)).pow(2).sum().backward()
         results.append((delta.detach(), h.grad, s.grad))
     (dense_delta, dense_h, dense_s), (sparse_delta, sparse_h, sparse_s) = results

@@ -37,6 +37,15 @@ class Splice:
     sparse_backward: bool = True
     """Keep only active latents for backward (see components.SparseLatentScale) where the SAE allows it."""
 
+    def encoder_rows(self) -> torch.Tensor:
+        """``W_enc`` transposed and contiguous (one row per latent), cached while ``W_enc`` is unchanged."""
+        weight = self.sae.W_enc
+        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        cached = getattr(self, "_encoder_rows", None)
+        if cached is None or cached[0] != key:
+            self._encoder_rows = (key, weight.detach().T.contiguous())
+        return self._encoder_rows[1]
+
     def __post_init__(self) -> None:
         architecture = self.sae.cfg.architecture()
         self.sparse_backward = (
@@ -95,7 +104,8 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"Adapter {adapter_name!r} already splices {other.reference.label} at {other.point.module_path} "
                 f"({other.point.position}); an adapter can hold one SAE per attach point. Put "
-                f"{splice.reference.label} in a separate adapter or at another hook."
+                f"{splice.reference.label} in a separate adapter or at another hook. (Loading an adapter onto a "
+                "model that already holds one of that name? Pass another adapter_name, or start from a fresh base.)"
             )
         d_sae = splice.sae.cfg.d_sae
         device = splice.sae.W_dec.device
@@ -140,7 +150,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 "the width matches."
             )
         scale, bias = self.adapter_parameters(adapter_name)
-        encoder = splice.sae.W_enc if splice.sparse_backward else None
+        encoder = splice.encoder_rows() if splice.sparse_backward else None
         return residual_delta(splice.sae.encode, decoder, hidden, scale, bias, encoder=encoder)
 
     def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
