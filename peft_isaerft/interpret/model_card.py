@@ -84,3 +84,15 @@ def install_model_card_hook() -> None:
 
     create_or_update_model_card._isaerft = True  # type: ignore[attr-defined]
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    # transformers' push_to_hub replaces the README written by save_pretrained with a generic card just before the
+    # upload; write the PEFT and ISaeRFT card into the upload folder again
+    original_upload = PeftModel._upload_modified_files
+
+    @functools.wraps(original_upload)
+    def _upload_modified_files(self: PeftModel, working_dir: str, *args: Any, **kwargs: Any) -> Any:
+        if any(cfg.peft_type == "ISAERFT" for cfg in self.peft_config.values()):
+            self.create_or_update_model_card(working_dir)
+        return original_upload(self, working_dir, *args, **kwargs)
+
+    PeftModel._upload_modified_files = _upload_modified_files
