@@ -196,14 +196,39 @@ def main() -> None:
             model = attach(model, "bias", gen_sae).merge_and_unload()
         generation[name] = generation_tokens_per_second(model, args.device, new_tokens)
     generation_ratios = {name: value / generation["base"] for name, value in generation.items()}
+    dtype_error = sae_dtype_error(gen_sae[0], reference, args.device)
     result = {"device": args.device, "torch": torch.__version__, "quick": quick, "k": k, "rows": rows,
-              "generation_tokens_per_s": generation, "generation_vs_base": generation_ratios}
+              "generation_tokens_per_s": generation, "generation_vs_base": generation_ratios,
+              "sae_dtype_relative_error": dtype_error}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print_table(result)
     plot(result, output.with_suffix(".png"))
     print(f"\nwrote {output} and {output.with_suffix('.png')}")
+
+
+@torch.no_grad()
+def sae_dtype_error(sae_path: str, model: LlamaForCausalLM, device: str) -> dict[str, float]:
+    """Relative error of the scale splice's residual change when the SAE runs in bf16 / fp16 instead of fp32, on
+    the model's real residual stream at the attach layer."""
+    from sae_lens import SAE
+
+    from peft_isaerft.components import residual_delta
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), device=device)
+    hidden = model.to(device)(ids, output_hidden_states=True).hidden_states[5].reshape(-1, model.config.hidden_size)
+    scale = torch.randn(SAE.load_from_disk(sae_path).cfg.d_sae, device=device) * 0.5
+    errors = {}
+    reference = None
+    for dtype in ("float32", "bfloat16", "float16"):
+        sae = SAE.load_from_disk(sae_path, device=device, dtype=dtype)
+        delta = residual_delta(sae.encode, sae.W_dec, hidden, scale, None).float()
+        if reference is None:
+            reference = delta
+        else:
+            errors[dtype] = float((delta - reference).norm() / reference.norm())
+    return errors
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -215,6 +240,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['step_vs_lora']:.2f} | {r['step_vs_base']:.2f} | {r['memory_mb']:.1f} | {memory_ratio} |")
     print("\ngeneration tokens/s:", {k: round(v, 1) for k, v in result["generation_tokens_per_s"].items()},
           "vs base:", {k: round(v, 2) for k, v in result["generation_vs_base"].items()})
+    print("SAE in half precision, relative error of the scale splice vs float32:",
+          {k: f"{v:.2e}" for k, v in result["sae_dtype_relative_error"].items()})
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

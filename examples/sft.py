@@ -1,0 +1,21 @@
+"""Supervised fine-tuning with TRL's SFTTrainer and an ISaeRFT adapter, then `isaerft report` on the result."""
+
+import trl
+from common import parser, report, setup, training_kwargs
+from datasets import Dataset
+
+args = parser(__doc__).parse_args()
+model, tokenizer, config = setup(args)
+data = Dataset.from_dict(
+    {"prompt": ["where is the boat? ", "what do you hear? "] * 8, "completion": ["out on the sea.", "the waves."] * 8}
+)
+trainer = trl.SFTTrainer(
+    model=model,
+    args=trl.SFTConfig(**training_kwargs(args)),
+    train_dataset=data,
+    processing_class=tokenizer,
+    peft_config=config,
+)
+trainer.train()
+trainer.model.save_pretrained(f"{args.output}/adapter")
+report(f"{args.output}/adapter")
