@@ -1,6 +1,6 @@
 """Does an ISaeRFT audit name the features a dataset pushes? Plant them and measure.
 
-    python benchmarks/recovery.py            # the full grid (about 15 minutes on 2 CPU cores)
+    python benchmarks/recovery.py            # the full grid (about 20 minutes on 2 CPU cores)
     python benchmarks/recovery.py --quick    # one cell per component (the test suite runs a small version)
 
 For each cell: build a random tiny model (initializer_range 0.2, so it reacts to its residual stream) and a TopK SAE
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.steps = 80
     else:
         grid = list(itertools.product(["llama", "gpt2"], ["bias", "scale"], [1, 3, 10], [8, 32], [0, 1]))
-        n_sequences, length = 128, 32
+        n_sequences, length = 96, 32
     folder = Path(tempfile.mkdtemp())
     cells = []
     for arch, component, k, multiple, seed in grid:

@@ -29,7 +29,7 @@ class AuditSettings:
     ``benchmarks/recovery.py`` (see the README for its table)."""
 
     component: str = "bias"
-    steps: int = 150
+    steps: int = 100
     lr: float = 0.05
     l1_coeff: float = 2e-3
     batch_size: int = 8
