@@ -72,6 +72,7 @@ def bar_chart_png(records: Sequence[FeatureRecord], title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(records) + 1.2))
     names = [f"{r.latent} {r.param}" + (f" · {r.label[:40]}" if r.label else "") for r in records][::-1]
+    names = [" ".join(name.split()) for name in names]  # tabs and newlines have no glyph
     values = [r.value for r in records][::-1]
     ax.barh(names, values, color=["#c0392b" if v < 0 else "#2874a6" for v in values])
     ax.axvline(0, color="black", linewidth=0.8)
