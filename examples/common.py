@@ -98,7 +98,10 @@ def training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def report(adapter_dir: str) -> None:
+def train_and_report(trainer: Any, args: argparse.Namespace) -> None:
+    """Train, save the adapter under ``<output>/adapter`` and print ``isaerft report`` for it."""
     from peft_isaerft.cli import main
 
-    main(["report", adapter_dir, "--top-k", "10"])
+    trainer.train()
+    trainer.model.save_pretrained(f"{args.output}/adapter")
+    main(["report", f"{args.output}/adapter", "--top-k", "10"])

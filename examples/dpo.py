@@ -2,7 +2,7 @@
 adapter disabled: no second copy in memory), then `isaerft report` on the result."""
 
 import trl
-from common import parser, report, setup, training_kwargs
+from common import parser, setup, train_and_report, training_kwargs
 from datasets import Dataset
 
 args = parser(__doc__).parse_args()
@@ -18,6 +18,4 @@ trainer = trl.DPOTrainer(
     processing_class=tokenizer,
     peft_config=config,
 )
-trainer.train()
-trainer.model.save_pretrained(f"{args.output}/adapter")
-report(f"{args.output}/adapter")
+train_and_report(trainer, args)

@@ -2,7 +2,7 @@
 RL push?"""
 
 import trl
-from common import parser, report, setup, training_kwargs
+from common import parser, setup, train_and_report, training_kwargs
 from datasets import Dataset
 
 args = parser(__doc__).parse_args()
@@ -26,6 +26,4 @@ trainer = trl.GRPOTrainer(
     processing_class=tokenizer,
     peft_config=config,
 )
-trainer.train()
-trainer.model.save_pretrained(f"{args.output}/adapter")
-report(f"{args.output}/adapter")
+train_and_report(trainer, args)

@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's SFTTrainer and an ISaeRFT adapter, then `isaerft report` on the result."""
 
 import trl
-from common import parser, report, setup, training_kwargs
+from common import parser, setup, train_and_report, training_kwargs
 from datasets import Dataset
 
 args = parser(__doc__).parse_args()
@@ -16,6 +16,4 @@ trainer = trl.SFTTrainer(
     processing_class=tokenizer,
     peft_config=config,
 )
-trainer.train()
-trainer.model.save_pretrained(f"{args.output}/adapter")
-report(f"{args.output}/adapter")
+train_and_report(trainer, args)

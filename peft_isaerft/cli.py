@@ -18,24 +18,9 @@ from pathlib import Path
 
 
 def _read_texts(path: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            texts.append(line)
-            continue
-        if isinstance(row, str):
-            texts.append(row)
-        elif "text" in row:
-            texts.append(row["text"])
-        elif "prompt" in row and "completion" in row:
-            texts.append(row["prompt"] + row["completion"])
-        else:
-            raise SystemExit(f"{path}:{number}: expected a 'text' field or 'prompt' and 'completion'.")
-    return texts
+    from .audit import read_rows
+
+    return [row["text"] if "text" in row else row["prompt"] + row["completion"] for row in read_rows(path)]
 
 
 def _report(args: argparse.Namespace) -> int:

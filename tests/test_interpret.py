@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_model
 from peft import get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from peft_isaerft import ISaeRFTConfig, LatentTrackingCallback, SAEReference, diff_adapters, feature_report, render
 from peft_isaerft.cli import main
@@ -148,21 +148,12 @@ def test_neuronpedia_fetch_against_local_server_with_disk_cache(tmp_path) -> Non
 
 
 def test_tracking_callback_logs_compactly_and_writes_history(sae_factory, tmp_path) -> None:
-    from test_training import _dataset
+    from test_training import _args, _dataset
 
     saes = [{"path": str(sae_factory(hook="blocks.1.hook_resid_post"))}]
     model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=saes, component="bias"))
     callback = LatentTrackingCallback(top_k=5)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-    )
+    args = _args(tmp_path / "run", max_steps=3)
     trainer = Trainer(model=model, args=args, train_dataset=_dataset())
     callback.attach(trainer)
     seen_by_later_callbacks = []
