@@ -115,8 +115,10 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
     base_z = sae.encode(residual(base, reference_ids))
     generator = torch.Generator().manual_seed(seed)
     if component == "scale":
-        # latents that fire: a scale of a silent latent changes nothing and cannot be recovered by anyone
-        candidates = torch.nonzero((base_z > 0).float().mean(0) > 0.05).flatten()
+        # among the latents that fire most: a scale of a silent latent changes nothing and nobody can recover it
+        rate = (base_z > 0).float().mean(0)
+        candidates = rate.argsort(descending=True)[: max(4 * k, 40)]
+        candidates = candidates[rate[candidates] > 0]
         latents = candidates[torch.randperm(len(candidates), generator=generator)[:k]].tolist()
         strength = 2.0
     else:
