@@ -123,7 +123,9 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
         strength = 2.0
     else:
         latents = torch.randperm(d_sae, generator=generator)[:k].tolist()
-        strength = 0.6 * float(residual(base, reference_ids).norm(dim=-1).mean()) / k**0.5
+        # one alpha for every planted latent, as in sum_i alpha * W_dec[i]: each planted feature is equally strong
+        # whatever k is (a third of the residual stream's mean norm)
+        strength = float(residual(base, reference_ids).norm(dim=-1).mean()) / 3
     teacher = plant(build_model(arch, seed), sae_path, component, latents, strength)
     audit_ids = sample(teacher, n_sequences, length, seed + 11)
     rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in audit_ids]
