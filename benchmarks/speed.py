@@ -145,7 +145,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", default="benchmarks/results/speed.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        output = Path(args.output)
+        plot(json.loads(output.read_text()), output.with_suffix(".png"))
+        return
     torch.set_grad_enabled(True)
     quick = args.quick
     seq_lens = [16, 32] if quick else [128, 512, 2048]
@@ -245,23 +250,30 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Step time and memory against sequence length (d_sae = 32 x d_model) and against d_sae (seq 512)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["method"] not in ("encoder",) and r["saes"] <= 1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in result["rows"] if r["method"] != "encoder" and r["saes"] <= 1]
+    widest = max(r["d_sae"] for r in rows)
+    middle_seq = sorted({r["seq"] for r in rows})[len({r["seq"] for r in rows}) // 2]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["seq"], r["step_s"], r["memory_mb"]) for r in rows
-                        if r["method"] == method and r["d_sae"] == max(x["d_sae"] for x in rows))
-        axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        axes[1].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
-    axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="train step (s)",
-                title="step time, d_sae = 32 x d_model")
-    axes[1].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="memory (MB)",
-                title="training memory, d_sae = 32 x d_model")
-    axes[0].legend(fontsize=8)
+        by_seq = sorted((r["seq"], r["step_s"], r["memory_mb"]) for r in rows
+                        if r["method"] == method and r["d_sae"] == widest)
+        by_width = sorted((r["d_sae"], r["step_s"], r["memory_mb"]) for r in rows
+                          if r["method"] == method and r["seq"] == middle_seq)
+        for column, points in ((0, by_seq), (1, by_width)):
+            axes[0][column].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            axes[1][column].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
+    for row, label in ((0, "train step (s)"), (1, "memory (MB)")):
+        axes[row][0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel=label,
+                         title=f"{label}, d_sae = {widest}")
+        axes[row][1].set(xscale="log", yscale="log", xlabel="d_sae", ylabel=label,
+                         title=f"{label}, sequence length {middle_seq}")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
