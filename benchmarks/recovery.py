@@ -51,7 +51,7 @@ def build_model(arch: str, seed: int) -> Any:
         config = GPT2Config(n_embd=D_MODEL, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64,
                             initializer_range=0.2)
     else:
-        config = LlamaConfig(hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=LAYERS,
+        config = LlamaConfig(hidden_size=D_MODEL, intermediate_size=2 * D_MODEL, num_hidden_layers=LAYERS,
                              num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, initializer_range=0.2)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -194,7 +194,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default="benchmarks/results/recovery.json")
+    parser.add_argument("--d-model", type=int, default=64, help="width of the random models")
+    parser.add_argument("--archs", default="llama,gpt2")
+    parser.add_argument("--components", default="bias,scale")
+    parser.add_argument("--ks", default="1,3,10")
+    parser.add_argument("--multiples", default="8,32", help="d_sae as multiples of d_model")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--l1", type=float, help="override the audit's l1_coeff")
+    parser.add_argument("--steps", type=int, help="override the audit's steps")
+    parser.add_argument("--lr", type=float, help="override the audit's learning rate")
     args = parser.parse_args(argv)
+    global D_MODEL
+    D_MODEL = args.d_model
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = AuditSettings()
     if args.quick:
@@ -202,8 +213,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_sequences, length = 64, 24
         settings.steps = 80
     else:
-        grid = list(itertools.product(["llama", "gpt2"], ["bias", "scale"], [1, 3, 10], [8, 32], [0, 1]))
+        grid = list(itertools.product(args.archs.split(","), args.components.split(","),
+                                      [int(k) for k in args.ks.split(",")], [int(m) for m in args.multiples.split(",")],
+                                      [int(seed) for seed in args.seeds.split(",")]))
         n_sequences, length = 96, 32
+    for name, value in (("l1_coeff", args.l1), ("steps", args.steps), ("lr", args.lr)):
+        if value is not None:
+            setattr(settings, name, value)
     folder = Path(tempfile.mkdtemp())
     cells = []
     for arch, component, k, multiple, seed in grid:
@@ -220,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in table:
         print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['cells']} | {row['audit']:.2f} | "
               f"{row['dataset_diffing']:.2f} | {row['lora_projection']:.2f} | {row['model_diffing']:.2f} |")
-    result = {"settings": settings.__dict__, "cells": cells, "table": table}
+    result = {"settings": settings.__dict__, "d_model": D_MODEL, "cells": cells, "table": table}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
