@@ -93,7 +93,9 @@ def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, str]], max_length: in
     return out
 
 
-def _collate(pad_id: int):
+def padding_collator(pad_id: int):
+    """Pads ``input_ids`` with ``pad_id`` and ``labels`` with -100 to the longest row, and builds the attention mask."""
+
     def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
         return {
@@ -133,7 +135,7 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
         remove_unused_columns=False, disable_tqdm=not progress, log_level="warning" if not progress else "passive",
     )
     dataset = Dataset.from_list(list(tokenised))
-    Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=_collate(pad_id)).train()
+    Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=padding_collator(pad_id)).train()
     return peft_model.eval()
 
 

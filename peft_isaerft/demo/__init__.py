@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from ..audit import padding_collator
+from ..cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,8 +79,7 @@ def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "peft_isaerft" / "demo"
+    return cache_dir("demo")
 
 
 def _chat_prompt(tokenizer: Any, question: str) -> str:
@@ -98,17 +100,6 @@ def _tokenise_pairs(tokenizer: Any, pairs: list[dict[str, str]]) -> list[dict[st
     return rows
 
 
-def _collate(pad_id: int):
-    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = [r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows]
-        labels = [r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]
-        mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
-
-    return collate
-
-
 def _train(model: Any, tokenizer: Any, rows: list[dict[str, list[int]]], settings: DemoSettings, lr: float,
            output_dir: Path, callbacks: list[Any] | None = None) -> float:
     from datasets import Dataset
@@ -120,7 +111,7 @@ def _train(model: Any, tokenizer: Any, rows: list[dict[str, list[int]]], setting
         save_strategy="no", report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      data_collator=_collate(tokenizer.pad_token_id))
+                      data_collator=padding_collator(tokenizer.pad_token_id))
     for callback in callbacks or []:
         callback.attach(trainer) if hasattr(callback, "attach") else trainer.add_callback(callback)
     started = time.time()
@@ -146,6 +137,7 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
 
     from .. import ISaeRFTConfig
     from ..interpret import LatentTrackingCallback, feature_report, render
+    from ..interpret.contents import contents_from_model
     from .behaviour import sea_share, split_questions, training_pairs
     from .corpus import load_corpus
     from .sae_training import train_or_load_demo_sae
@@ -189,6 +181,7 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
     peft_model.eval()
     isaerft_answers = generate_answers(peft_model, tokenizer, eval_questions, settings.new_tokens)
     peft_model.save_pretrained(out / "adapter")
+    nonzero = sum(int((value != 0).sum()) for c in contents_from_model(peft_model) for value in c.parameters().values())
     print("[4/5] Reading the adapter: top features, auto-labelled by their top contexts in held-out text")
     records = feature_report(peft_model, top_k=15, texts=label_texts, tokenizer=tokenizer)
     tokenizer.padding_side = "right"
@@ -213,8 +206,8 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
         "metric": "share of answers to held-out questions that mention the sea",
         "sea_share": {"base": sea_share(base_answers), "isaerft": sea_share(isaerft_answers),
                       "lora": sea_share(lora_answers)},
-        "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": sum(1 for r in feature_report(
-            out / "adapter", top_k=10**9)), "lora": lora_trainable, "model": total - trainable},
+        "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": nonzero, "lora": lora_trainable,
+                                 "model": total - trainable},
         "examples": [{"question": q, "base": b, "isaerft": i, "lora": lo}
                      for q, b, i, lo in zip(eval_questions, base_answers, isaerft_answers, lora_answers, strict=True)],
         "top_features": [r.to_dict() for r in records],

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tuner.layer import ISaeRFTLayer
+from .contents import active_adapter_name
 
 
 @dataclass
@@ -55,7 +56,7 @@ def latent_statistics(
 
     The adapter is disabled while reading, so the statistics describe the base model the adapter edits.
     """
-    adapter_name = adapter_name or _active(model)
+    adapter_name = adapter_name or active_adapter_name(model)
     # keyed like SpliceContents.module_path, i.e. relative to the transformers model
     layers = {
         module.isaerft_splices[adapter_name].point.module_path: module
@@ -136,6 +137,3 @@ def _capture_input(store: dict[str, torch.Tensor], name: str):
     return hook
 
 
-def _active(model: Any) -> str:
-    active = getattr(model, "active_adapter", "default")
-    return active[0] if isinstance(active, list) else active

@@ -46,7 +46,7 @@ class SpliceContents:
 
 def contents_from_model(model: Any, adapter_name: str | None = None) -> list[SpliceContents]:
     """Every splice of ``adapter_name`` (default: the active adapter) in a PeftModel."""
-    adapter_name = adapter_name or _active_adapter(model)
+    adapter_name = adapter_name or active_adapter_name(model)
     config = model.peft_config[adapter_name]
     found: list[SpliceContents] = []
     for module in model.modules():
@@ -127,6 +127,7 @@ def load_contents(source: Any, adapter_name: str | None = None) -> list[SpliceCo
     raise TypeError(f"Expected a PeftModel or an adapter folder, got {type(source).__name__}.")
 
 
-def _active_adapter(model: Any) -> str:
+def active_adapter_name(model: Any) -> str:
+    """The (first) active adapter of a PeftModel."""
     active = getattr(model, "active_adapter", "default")
     return active[0] if isinstance(active, list) else active

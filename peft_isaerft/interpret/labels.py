@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..cache import cache_dir as package_cache_dir
 from ..saes import SAEReference
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def dashboard_url(reference: SAEReference, latent: int, base_url: str = NEURONPE
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "peft_isaerft" / "neuronpedia"
+    return package_cache_dir("neuronpedia")
 
 
 def fetch_neuronpedia_labels(

@@ -78,6 +78,13 @@ def bar_chart_png(records: Sequence[FeatureRecord], title: str) -> bytes:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_title(title)
     ax.set_xlabel("trained value (scale s or bias b)")
+    return figure_png(fig)
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)

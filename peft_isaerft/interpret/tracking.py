@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .contents import contents_from_model
+from .render import figure_png
 
 
 class LatentTrackingCallback(TrainerCallback):
@@ -102,8 +102,4 @@ def plot_trajectories(history: dict[str, Any], top_n: int = 12) -> bytes:
     ax.axhline(0, color="black", linewidth=0.6)
     if final:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
