@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
 from peft_isaerft.attach_points import resolve_attach_point
-from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+from peft_isaerft.audit import AuditSettings, disable_dropout, fit_adapter_on_tokens
 
-D_MODEL, LAYERS, VOCAB, HOOK = 64, 3, 128, "blocks.1.hook_resid_post"
+D_MODEL, LAYERS, HOOK = 128, 3, "blocks.1.hook_resid_post"
+VOCAB = 2 * D_MODEL  # more tokens than dimensions, as in real models, so the outputs can show any change
 
 
 def build_model(arch: str, seed: int) -> Any:
@@ -132,7 +133,7 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
     timings = {}
 
     start = time.perf_counter()
-    audited = fit_adapter_on_tokens(build_model(arch, seed), [{"path": str(sae_path)}], rows, settings,
+    audited, _ = fit_adapter_on_tokens(build_model(arch, seed), [{"path": str(sae_path)}], rows, settings,
                                     folder / "trainer", progress=False)
     records = feature_report(audited, top_k=10 * k)
     ranking = list(dict.fromkeys(r.latent for r in records))
@@ -168,6 +169,7 @@ def fit_lora(model: Any, rows: list[dict[str, list[int]]], settings: AuditSettin
     from transformers import Trainer, TrainingArguments
 
     target = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "v_proj"]
+    disable_dropout(model)  # as the audit does
     lora = get_peft_model(model, LoraConfig(r=8, target_modules=target))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=settings.steps,
                              per_device_train_batch_size=settings.batch_size, learning_rate=5e-3,
@@ -194,32 +196,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default="benchmarks/results/recovery.json")
-    parser.add_argument("--d-model", type=int, default=64, help="width of the random models")
+    parser.add_argument("--d-model", type=int, default=128, help="width of the random models (vocabulary: 2x)")
+    parser.add_argument("--sequences", type=int, default=256, help="sequences of 32 tokens sampled from the teacher")
     parser.add_argument("--archs", default="llama,gpt2")
     parser.add_argument("--components", default="bias,scale")
     parser.add_argument("--ks", default="1,3,10")
     parser.add_argument("--multiples", default="8,32", help="d_sae as multiples of d_model")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--l1", type=float, help="override the audit's l1_coeff")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--l1", type=float, help="override the audit's l1 (a fraction of lambda_max)")
     parser.add_argument("--steps", type=int, help="override the audit's steps")
-    parser.add_argument("--lr", type=float, help="override the audit's learning rate")
+    parser.add_argument("--bias-lr", type=float, help="override the audit's bias_lr (per unit residual norm)")
+    parser.add_argument("--scale-lr", type=float, help="override the audit's scale_lr")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any AuditSettings field, e.g. --set batch_size=16 --set nonnegative_bias=false")
     args = parser.parse_args(argv)
-    global D_MODEL
-    D_MODEL = args.d_model
+    global D_MODEL, VOCAB
+    D_MODEL, VOCAB = args.d_model, 2 * args.d_model
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = AuditSettings()
     if args.quick:
         grid = list(itertools.product(["llama"], ["bias", "scale"], [3], [32], [0]))
-        n_sequences, length = 64, 24
-        settings.steps = 80
+        n_sequences, length = 128, 24
+        settings.steps = 150
     else:
         grid = list(itertools.product(args.archs.split(","), args.components.split(","),
                                       [int(k) for k in args.ks.split(",")], [int(m) for m in args.multiples.split(",")],
                                       [int(seed) for seed in args.seeds.split(",")]))
-        n_sequences, length = 96, 32
-    for name, value in (("l1_coeff", args.l1), ("steps", args.steps), ("lr", args.lr)):
+        n_sequences, length = args.sequences, 32
+    for name, value in (("l1", args.l1), ("steps", args.steps), ("bias_lr", args.bias_lr),
+                        ("scale_lr", args.scale_lr)):
         if value is not None:
             setattr(settings, name, value)
+    for assignment in args.set:
+        name, _, text = assignment.partition("=")
+        if not hasattr(settings, name):
+            parser.error(f"--set {assignment}: AuditSettings has no field {name!r}")
+        current = getattr(settings, name)
+        value = text.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(text)
+        setattr(settings, name, value)
     folder = Path(tempfile.mkdtemp())
     cells = []
     for arch, component, k, multiple, seed in grid:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +19,67 @@ import torch
 
 from .interpret import feature_report, render
 from .interpret.report import FeatureRecord
+from .saes import decoder_directions
 
 logger = logging.getLogger(__name__)
-
-
-# in gradient units (see peft_isaerft.sparsity), measured with benchmarks/recovery.py on d_model 64 models: 2e-3
-# beat 5e-4 for biases there (precision@k 1.00 / 0.79 / 0.30 against 0.75 / 0.58 / 0.24 at k = 1 / 3 / 10), while at
-# d_model 256 the smaller 5e-4 recovered more planted biases: gradients shrink as models widen, so pass a smaller
-# --l1 for wide models
-DEFAULT_L1 = {"bias": 2e-3, "scale": 2e-3, "scale_bias": 2e-3}
 
 
 @dataclass
 class AuditSettings:
     """The audit recipe. The defaults are the settings that recovered planted features best in
-    ``benchmarks/recovery.py`` (see the README for its table)."""
+    ``benchmarks/recovery.py`` (see the README for its table).
+
+    Two numbers are relative, so one recipe fits models of any width and residual scale:
+
+    - ``l1``: the proximal L1 threshold (see :mod:`peft_isaerft.sparsity`) as a fraction of ``lambda_max``, the
+      largest gradient any latent gets at the start on the audit data: the smallest threshold that would keep
+      every latent at zero. 0.1 keeps the latents whose pull is at least a tenth of the strongest one's.
+    - ``bias_lr``: Adam's step for latent biases as a fraction of the mean residual-stream norm at the attach
+      point per unit decoder norm, since a bias must grow to the size of the activations it shifts (a fixed
+      step cannot reach a feature of norm 250 in a model whose residual stream is that large).
+    """
 
     component: str = "bias"
-    steps: int = 100
-    lr: float = 0.05
-    l1_coeff: float | None = None
-    """None: the measured default for the component (:data:`DEFAULT_L1`)."""
+    steps: int = 300
+    l1: float = 0.1
+    bias_lr: float = 0.01
+    scale_lr: float = 0.05
+    """Scales are dimensionless (the latent is multiplied by 1 + s), so their step is absolute."""
+    nonnegative_bias: bool = True
+    """Biases may only add features (an SAE latent's activation is never negative); ask which features the data
+    suppresses with the ``scale`` component, or pass False to let biases go negative too."""
     batch_size: int = 8
     max_length: int = 128
     top_k: int = 10
+    calibration_batches: int = 12
+    """Batches of audit data over which ``lambda_max`` and the residual norm are measured before training."""
+
+    def __post_init__(self) -> None:
+        if self.l1 < 0:
+            raise ValueError(f"l1 must be >= 0 (a fraction of lambda_max, e.g. 0.1), got {self.l1}.")
+        for name in ("steps", "batch_size", "max_length", "top_k", "calibration_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("bias_lr", "scale_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+
+
+@dataclass
+class Calibration:
+    """What the audit measured on the data before training, per trained parameter (keyed by its name)."""
+
+    lambda_max: dict[str, float]
+    """Largest absolute gradient over latents at the start, averaged over the calibration batches."""
+    l1_coeff: dict[str, float]
+    """The absolute threshold used: ``settings.l1 * lambda_max``."""
+    lr: dict[str, float]
+    residual_norm: dict[str, float]
+    """Mean residual-stream norm at the parameter's attach point (token-weighted, padding excluded)."""
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {"lambda_max": self.lambda_max, "l1_coeff": self.l1_coeff, "lr": self.lr,
+                "residual_norm": self.residual_norm}
 
 
 def parse_sae_argument(value: str) -> dict[str, str]:
@@ -109,7 +146,7 @@ def padding_collator(pad_id: int):
 
 
 def fit_adapter(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequence[dict[str, str]],
-                settings: AuditSettings, output_dir: str | Path, progress: bool = True) -> Any:
+                settings: AuditSettings, output_dir: str | Path, progress: bool = True) -> tuple[Any, Calibration]:
     """Attach a fresh sparse ISaeRFT adapter to ``model`` and fit it to ``rows`` with transformers.Trainer."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokenised = tokenise_rows(tokenizer, rows, settings.max_length)
@@ -118,7 +155,7 @@ def fit_adapter(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Se
 
 def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Sequence[dict[str, list[int]]],
                           settings: AuditSettings, output_dir: str | Path, pad_id: int = 0,
-                          progress: bool = True) -> Any:
+                          progress: bool = True) -> tuple[Any, Calibration]:
     """:func:`fit_adapter` for rows that are already token ids (``input_ids`` and ``labels``)."""
     from datasets import Dataset
     from peft import get_peft_model
@@ -126,17 +163,110 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
 
     from . import ISaeRFTConfig
 
-    l1_coeff = DEFAULT_L1[settings.component] if settings.l1_coeff is None else settings.l1_coeff
-    peft_model = get_peft_model(model, ISaeRFTConfig(saes=saes, component=settings.component, l1_coeff=l1_coeff))
+    disable_dropout(model)
+    peft_model = get_peft_model(model, ISaeRFTConfig(saes=saes, component=settings.component))
+    collate = padding_collator(pad_id)
+    calibration_rows = list(tokenised[: settings.calibration_batches * settings.batch_size])
+    batches = [collate(calibration_rows[i: i + settings.batch_size])
+               for i in range(0, len(calibration_rows), settings.batch_size)]
+    calibration = calibrate(peft_model, batches, settings)
+    parameters = dict(peft_model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [parameters[name]], "lr": lr} for name, lr in calibration.lr.items()], weight_decay=0.0
+    )
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.lr, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-        logging_steps=max(1, settings.steps // 10), use_cpu=not torch.cuda.is_available(), seed=0,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[],
+        logging_strategy="steps" if progress else "no", logging_steps=max(1, settings.steps // 10),
+        use_cpu=not torch.cuda.is_available(), seed=0,
         remove_unused_columns=False, disable_tqdm=not progress, log_level="warning" if not progress else "passive",
     )
     dataset = Dataset.from_list(list(tokenised))
-    Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=padding_collator(pad_id)).train()
-    return peft_model.eval()
+    Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collate,
+            optimizers=(optimizer, None)).train()
+    return peft_model.eval(), calibration
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0 and return how many modules changed.
+
+    The audit asks which latents explain the data under the frozen model's own function; dropout in that frozen
+    model (GPT-2 ships with 0.1) would fit the adapter to a noisier model than the one that is audited.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+    if changed:
+        logger.info("audit: dropout off in %d modules of the frozen model", changed)
+    return changed
+
+
+def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], settings: AuditSettings) -> Calibration:
+    """Measure ``lambda_max`` and the residual norm of every trained parameter on ``batches`` (the adapter is still
+    the identity, so this is the base model), register each parameter's absolute L1 threshold and pick its step."""
+    from .sparsity import register_l1
+    from .tuner.layer import ISaeRFTLayer, _map_first_input, _map_first_output
+
+    named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("The audit adapter has no trainable parameters; check the SAEs and latent lists.")
+    device = next(iter(named.values())).device
+    owners: dict[str, tuple[ISaeRFTLayer, str]] = {}
+    for module_name, module in peft_model.named_modules():
+        if isinstance(module, ISaeRFTLayer):
+            for kind in ("scale", "bias"):
+                for adapter_name in getattr(module, f"isaerft_{kind}"):
+                    owners[f"{module_name}.isaerft_{kind}.{adapter_name}"] = (module, adapter_name)
+    norm_sums: dict[int, float] = {}
+    token_count = 0.0
+    handles = []
+    mask_now: list[torch.Tensor] = []
+
+    def record(module: ISaeRFTLayer, hidden: torch.Tensor) -> torch.Tensor:
+        mask = mask_now[0].to(hidden.device, hidden.dtype)
+        norm_sums[id(module)] = norm_sums.get(id(module), 0.0) + float((hidden.detach().norm(dim=-1) * mask).sum())
+        return hidden
+
+    for module in {id(m): m for m, _ in owners.values()}.values():
+        splice = next(iter(module.isaerft_splices.values()))
+        if splice.point.position == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, kw: _map_first_input(a, kw, lambda h: record(m, h)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, _a, out: _map_first_output(out, lambda h: record(m, h))))
+    gradients = {name: torch.zeros_like(p) for name, p in named.items()}
+    peft_model.train()
+    try:
+        for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            mask_now[:] = [batch["attention_mask"]]
+            token_count += float(batch["attention_mask"].sum())
+            peft_model.zero_grad()
+            peft_model(**batch).loss.backward()
+            for name, p in named.items():
+                gradients[name] += p.grad.detach() / len(batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+        peft_model.zero_grad(set_to_none=True)
+    lambda_max, l1_coeff, lr, residual_norm = {}, {}, {}, {}
+    for name, p in named.items():
+        lambda_max[name] = float(gradients[name].abs().max())
+        l1_coeff[name] = settings.l1 * lambda_max[name]
+        register_l1(p, l1_coeff[name], nonnegative=settings.nonnegative_bias and ".isaerft_bias." in name)
+        module, adapter_name = owners[name]
+        residual_norm[name] = norm_sums.get(id(module), 0.0) / max(token_count, 1.0)
+        if ".isaerft_bias." in name:
+            decoder_norm = float(decoder_directions(module.isaerft_splices[adapter_name].sae).norm(dim=-1).median())
+            lr[name] = settings.bias_lr * residual_norm[name] / max(decoder_norm, 1e-8)
+        else:
+            lr[name] = settings.scale_lr
+        logger.info("audit calibration %s: lambda_max %.3g, l1 %.3g, residual norm %.3g, lr %.3g", name,
+                    lambda_max[name], l1_coeff[name], residual_norm[name], lr[name])
+    return Calibration(lambda_max, l1_coeff, lr, residual_norm)
 
 
 def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequence[dict[str, str]],
@@ -146,8 +276,10 @@ def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequ
     settings = settings or AuditSettings()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    peft_model = fit_adapter(model, tokenizer, saes, rows, settings, output / "trainer", progress)
+    peft_model, calibration = fit_adapter(model, tokenizer, saes, rows, settings, output / "trainer", progress)
     peft_model.save_pretrained(output / "adapter")
+    (output / "audit.json").write_text(json.dumps({"settings": asdict(settings), "rows": len(rows),
+                                                   "calibration": calibration.to_dict()}, indent=1))
     records = feature_report(peft_model, top_k=settings.top_k)
     (output / "report.json").write_text(render(records, "json"))
     (output / "report.html").write_text(render(records, "html", title="ISaeRFT audit: features the data pushes"))

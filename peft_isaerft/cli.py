@@ -73,14 +73,11 @@ def _diff(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from .audit import AuditSettings, audit_command
 
-    defaults = AuditSettings()
-    settings = AuditSettings(
-        component=args.component or defaults.component,
-        steps=args.steps or defaults.steps,
-        l1_coeff=defaults.l1_coeff if args.l1 is None else args.l1,
-        lr=args.lr or defaults.lr,
-        top_k=args.top_k or defaults.top_k,
-    )
+    chosen = {name: getattr(args, name) for name in ("component", "steps", "l1", "bias_lr", "scale_lr", "top_k")
+              if getattr(args, name) is not None}
+    if args.allow_negative_bias:
+        chosen["nonnegative_bias"] = False
+    settings = AuditSettings(**chosen)
     audit_command(args.model, args.sae, args.data, args.output, settings)
     return 0
 
@@ -131,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "completion only)")
     audit.add_argument("--output", required=True)
     audit.add_argument("--component", choices=["bias", "scale", "scale_bias"])
-    audit.add_argument("--steps", type=int)
-    audit.add_argument("--l1", type=float, help="proximal L1 coefficient (gradient units)")
-    audit.add_argument("--lr", type=float)
+    audit.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    audit.add_argument("--l1", type=float, help="sparsity: the proximal L1 threshold as a fraction of lambda_max, the "
+                       "strongest latent's gradient at the start (default 0.1)")
+    audit.add_argument("--bias-lr", type=float, help="step for latent biases per unit of the mean residual norm at "
+                       "the attach point (default 0.01)")
+    audit.add_argument("--scale-lr", type=float, help="step for latent scales (default 0.05)")
+    audit.add_argument("--allow-negative-bias", action="store_true", help="let biases go negative (by default a "
+                       "bias audit reports only features the data adds)")
     audit.add_argument("--top-k", type=int)
     audit.set_defaults(run=_audit)
 

@@ -29,19 +29,25 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # keyed by id(): tensors compare elementwise, so they cannot be dictionary keys themselves
-_coefficients: dict[int, tuple[weakref.ref[torch.nn.Parameter], float]] = {}
+_coefficients: dict[int, tuple[weakref.ref[torch.nn.Parameter], float, bool]] = {}
 _hook_lock = threading.Lock()
 _hook_handle: Any = None
 
 
-def register_l1(parameter: torch.nn.Parameter, l1_coeff: float) -> None:
-    """Apply a proximal L1 step to ``parameter`` after every optimizer step that updates it."""
+def register_l1(parameter: torch.nn.Parameter, l1_coeff: float, nonnegative: bool = False) -> None:
+    """Apply a proximal L1 step to ``parameter`` after every optimizer step that updates it.
+
+    With ``nonnegative=True`` the step also projects onto ``w >= 0`` (the proximal step of
+    ``l1_coeff * |w|_1`` restricted to non-negative ``w``): a bias audit that asks which features the data
+    *adds* uses it, since an SAE latent's activation is never negative.
+    """
     global _hook_handle
     key = id(parameter)
-    if l1_coeff <= 0:
+    if l1_coeff <= 0 and not nonnegative:
         _coefficients.pop(key, None)
         return
-    _coefficients[key] = (weakref.ref(parameter, lambda _ref: _coefficients.pop(key, None)), float(l1_coeff))
+    _coefficients[key] = (weakref.ref(parameter, lambda _ref: _coefficients.pop(key, None)), float(l1_coeff),
+                          nonnegative)
     with _hook_lock:
         if _hook_handle is None:
             _hook_handle = register_optimizer_step_post_hook(_proximal_step)
@@ -49,13 +55,21 @@ def register_l1(parameter: torch.nn.Parameter, l1_coeff: float) -> None:
 
 def l1_coefficient(parameter: torch.nn.Parameter) -> float:
     """The L1 coefficient registered for ``parameter`` (0 if none)."""
+    entry = _registration(parameter)
+    return entry[1] if entry is not None else 0.0
+
+
+def _registration(parameter: torch.nn.Parameter) -> tuple[Any, float, bool] | None:
     entry = _coefficients.get(id(parameter))
-    return entry[1] if entry is not None and entry[0]() is parameter else 0.0
+    return entry if entry is not None and entry[0]() is parameter else None
 
 
 @torch.no_grad()
-def soft_threshold_(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
-    """In place: shrink every entry towards zero by ``threshold``, clamping at zero."""
+def soft_threshold_(tensor: torch.Tensor, threshold: float | torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """In place: shrink every entry towards zero by ``threshold``, clamping at zero (and, with ``nonnegative``,
+    clamping negative entries to zero)."""
+    if nonnegative:
+        return tensor.copy_((tensor - threshold).clamp_min(0))
     return tensor.copy_(tensor.sign() * (tensor.abs() - threshold).clamp_min(0))
 
 
@@ -66,13 +80,14 @@ def _proximal_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
         lr = group.get("lr", 0.0)
         lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         for parameter in group["params"]:
-            coefficient = l1_coefficient(parameter)
-            if coefficient > 0 and parameter.requires_grad:
+            entry = _registration(parameter)
+            if entry is not None and parameter.requires_grad:
+                _ref, coefficient, nonnegative = entry
                 threshold = lr * coefficient
                 state = optimizer.state.get(parameter, {})
                 if "exp_avg_sq" in state:
                     threshold = threshold / _adam_denominator(state, group)
-                soft_threshold_(parameter.data, threshold)
+                soft_threshold_(parameter.data, threshold, nonnegative)
 
 
 def _adam_denominator(state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:

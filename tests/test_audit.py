@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_model, make_tokenizer
 
 from peft_isaerft.audit import parse_sae_argument, read_rows
@@ -72,3 +73,59 @@ def test_small_recovery_benchmark_finds_planted_features(tmp_path) -> None:
         # the audit names at least 2 of the 3 planted latents, and beats both data-only baselines
         assert row["audit"] >= 2 / 3, row
         assert row["audit"] >= row["dataset_diffing"] and row["audit"] >= row["lora_projection"], row
+
+
+def _token_rows(n: int = 24, length: int = 12) -> list[dict[str, list[int]]]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (n, length), generator=generator).tolist()
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def test_audit_calibrates_threshold_and_step_to_the_model(sae_factory, tmp_path) -> None:
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+    from peft_isaerft.sparsity import l1_coefficient
+
+    rows = _token_rows()
+    settings = AuditSettings(steps=3, batch_size=8, calibration_batches=2, l1=0.2, bias_lr=0.02)
+    sae = sae_factory(hook="blocks.1.hook_resid_post")
+    model = make_model("llama")
+    # the residual norm after block 1 on the calibration batches, measured independently of the audit
+    with torch.no_grad():
+        batch = torch.tensor([r["input_ids"] for r in rows[:16]])
+        expected_norm = float(model(batch, output_hidden_states=True).hidden_states[2].norm(dim=-1).mean())
+    peft_model, calibration = fit_adapter_on_tokens(model, [{"path": str(sae)}], rows, settings, tmp_path,
+                                                    progress=False)
+    (name, parameter), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert calibration.residual_norm[name] == pytest.approx(expected_norm, rel=1e-4)
+    assert calibration.lambda_max[name] > 0
+    assert calibration.l1_coeff[name] == pytest.approx(0.2 * calibration.lambda_max[name])
+    assert l1_coefficient(parameter) == pytest.approx(calibration.l1_coeff[name])
+    from sae_lens import SAE
+
+    decoder_norm = float(SAE.load_from_disk(str(sae)).W_dec.norm(dim=-1).median())
+    assert calibration.lr[name] == pytest.approx(0.02 * expected_norm / decoder_norm, rel=1e-4)
+    # a bias audit only adds features by default
+    assert (parameter >= 0).all()
+
+
+def test_audit_turns_off_dropout_of_the_frozen_model() -> None:
+    from peft_isaerft.audit import disable_dropout
+
+    model = make_model("gpt2").train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and any(m.p > 0 for m in dropouts)
+    assert disable_dropout(model) > 0
+    assert all(m.p == 0 for m in dropouts)
+    ids = torch.randint(0, 60, (2, 8))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)  # deterministic in train mode now
+
+
+def test_audit_settings_reject_bad_values() -> None:
+    from peft_isaerft.audit import AuditSettings
+
+    with pytest.raises(ValueError, match="fraction of lambda_max"):
+        AuditSettings(l1=-0.1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        AuditSettings(steps=0)
+    with pytest.raises(ValueError, match="bias_lr must be > 0"):
+        AuditSettings(bias_lr=0)

@@ -126,3 +126,22 @@ def test_latent_allow_and_deny_lists(sae_factory, tmp_path) -> None:
     assert set(first.nonzero().flatten().tolist()) <= {1, 2, 3}
     assert first[[1, 2, 3]].abs().sum() > 0
     assert second[[0, 5]].abs().sum() == 0 and (second != 0).sum() > 10
+
+
+def test_nonnegative_proximal_step_shrinks_and_projects() -> None:
+    from peft_isaerft.sparsity import l1_coefficient, register_l1
+
+    parameter = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.05, -0.05]))
+    register_l1(parameter, 0.1, nonnegative=True)
+    assert l1_coefficient(parameter) == 0.1
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    parameter.grad = torch.zeros(4)
+    optimizer.step()
+    # plain proximal SGD (no Adam state): shrink by lr * l1 = 0.1, and nothing may go below zero
+    torch.testing.assert_close(parameter.detach(), torch.tensor([0.9, 0.0, 0.0, 0.0]))
+
+    signed = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.05]))
+    register_l1(signed, 0.1)
+    signed.grad = torch.zeros(3)
+    torch.optim.SGD([signed], lr=1.0).step()
+    torch.testing.assert_close(signed.detach(), torch.tensor([0.9, -0.9, 0.0]))
