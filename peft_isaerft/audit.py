@@ -205,7 +205,17 @@ def disable_dropout(model: torch.nn.Module) -> int:
 
 def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], settings: AuditSettings) -> Calibration:
     """Measure ``lambda_max`` and the residual norm of every trained parameter on ``batches`` (the adapter is still
-    the identity, so this is the base model), register each parameter's absolute L1 threshold and pick its step."""
+    the identity, so this is the base model), register each parameter's absolute L1 threshold and pick its step.
+
+    Use it to give your own training loop the audit's scale-free sparsity and steps.
+
+    Example:
+        >>> peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": "my_sae"}]))  # doctest: +SKIP
+        >>> calibration = calibrate(peft_model, batches[:12], AuditSettings(l1=0.1))  # doctest: +SKIP
+        >>> named = dict(peft_model.named_parameters())  # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW([{"params": [named[n]], "lr": lr}  # doctest: +SKIP
+        ...                                for n, lr in calibration.lr.items()], weight_decay=0.0)
+    """
     from .sparsity import register_l1
     from .tuner.layer import ISaeRFTLayer, _map_first_input, _map_first_output
 

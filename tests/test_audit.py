@@ -39,6 +39,9 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
             "5",
             "--top-k",
             "4",
+            "--l1",
+            "0.05",
+            "--allow-negative-bias",
         ]
     )
     assert code == 0
@@ -48,6 +51,12 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
     assert 0 < len(report) <= 4 and report[0]["effect"] >= report[-1]["effect"]
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert "blocks.1.hook_resid_post" in capsys.readouterr().out
+    recorded = json.loads((out / "audit.json").read_text())
+    assert recorded["settings"]["l1"] == 0.05 and recorded["settings"]["nonnegative_bias"] is False
+    assert recorded["settings"]["steps"] == 5 and recorded["rows"] == len(rows)
+    (lambda_max,) = recorded["calibration"]["lambda_max"].values()
+    (l1_coeff,) = recorded["calibration"]["l1_coeff"].values()
+    assert l1_coeff == pytest.approx(0.05 * lambda_max) and lambda_max > 0
 
 
 def test_audit_inputs_are_validated(tmp_path) -> None:
