@@ -257,7 +257,8 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
             peft_model.zero_grad()
             peft_model(**batch).loss.backward()
             for name, p in named.items():
-                gradients[name] += p.grad.detach() / len(batches)
+                if p.grad is not None:  # a parameter no token reached keeps a zero gradient
+                    gradients[name] += p.grad.detach() / len(batches)
     finally:
         for handle in handles:
             handle.remove()
