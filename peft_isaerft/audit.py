@@ -77,10 +77,6 @@ class Calibration:
     residual_norm: dict[str, float]
     """Mean residual-stream norm at the parameter's attach point (token-weighted, padding excluded)."""
 
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        return {"lambda_max": self.lambda_max, "l1_coeff": self.l1_coeff, "lr": self.lr,
-                "residual_norm": self.residual_norm}
-
 
 def parse_sae_argument(value: str) -> dict[str, str]:
     """A local sae-lens folder, else ``RELEASE/SAE_ID`` (the release name holds no slash)."""
@@ -223,12 +219,14 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
     if not named:
         raise ValueError("The audit adapter has no trainable parameters; check the SAEs and latent lists.")
     device = next(iter(named.values())).device
-    owners: dict[str, tuple[ISaeRFTLayer, str]] = {}
-    for module_name, module in peft_model.named_modules():
+    # by id(): which layer, adapter and kind each trained parameter belongs to
+    owners: dict[int, tuple[ISaeRFTLayer, str, str]] = {}
+    for module in peft_model.modules():
         if isinstance(module, ISaeRFTLayer):
             for kind in ("scale", "bias"):
-                for adapter_name in getattr(module, f"isaerft_{kind}"):
-                    owners[f"{module_name}.isaerft_{kind}.{adapter_name}"] = (module, adapter_name)
+                for adapter_name, parameter in getattr(module, f"isaerft_{kind}").items():
+                    owners[id(parameter)] = (module, adapter_name, kind)
+    trained = [owners[id(p)] for p in named.values()]
     norm_sums: dict[int, float] = {}
     token_count = 0.0
     handles = []
@@ -239,9 +237,8 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
         norm_sums[id(module)] = norm_sums.get(id(module), 0.0) + float((hidden.detach().norm(dim=-1) * mask).sum())
         return hidden
 
-    for module in {id(m): m for m, _ in owners.values()}.values():
-        splice = next(iter(module.isaerft_splices.values()))
-        if splice.point.position == "input":
+    for module, adapter_name, _kind in {id(owner[0]): owner for owner in trained}.values():
+        if module.isaerft_splices[adapter_name].point.position == "input":
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, kw: _map_first_input(a, kw, lambda h: record(m, h)), with_kwargs=True))
         else:
@@ -264,13 +261,12 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
             handle.remove()
         peft_model.zero_grad(set_to_none=True)
     lambda_max, l1_coeff, lr, residual_norm = {}, {}, {}, {}
-    for name, p in named.items():
+    for (name, p), (module, adapter_name, kind) in zip(named.items(), trained, strict=True):
         lambda_max[name] = float(gradients[name].abs().max())
         l1_coeff[name] = settings.l1 * lambda_max[name]
-        register_l1(p, l1_coeff[name], nonnegative=settings.nonnegative_bias and ".isaerft_bias." in name)
-        module, adapter_name = owners[name]
+        register_l1(p, l1_coeff[name], nonnegative=settings.nonnegative_bias and kind == "bias")
         residual_norm[name] = norm_sums.get(id(module), 0.0) / max(token_count, 1.0)
-        if ".isaerft_bias." in name:
+        if kind == "bias":
             decoder_norm = float(decoder_directions(module.isaerft_splices[adapter_name].sae).norm(dim=-1).median())
             lr[name] = settings.bias_lr * residual_norm[name] / max(decoder_norm, 1e-8)
         else:
@@ -290,7 +286,7 @@ def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequ
     peft_model, calibration = fit_adapter(model, tokenizer, saes, rows, settings, output / "trainer", progress)
     peft_model.save_pretrained(output / "adapter")
     (output / "audit.json").write_text(json.dumps({"settings": asdict(settings), "rows": len(rows),
-                                                   "calibration": calibration.to_dict()}, indent=1))
+                                                   "calibration": asdict(calibration)}, indent=1))
     records = feature_report(peft_model, top_k=settings.top_k)
     (output / "report.json").write_text(render(records, "json"))
     (output / "report.html").write_text(render(records, "html", title="ISaeRFT audit: features the data pushes"))
