@@ -1,12 +1,13 @@
 """Does an ISaeRFT audit name the features a dataset pushes? Plant them and measure.
 
     python benchmarks/recovery.py            # the full grid (about 20 minutes on 2 CPU cores)
-    python benchmarks/recovery.py --quick    # one cell per component (the test suite runs a small version)
+    python benchmarks/recovery.py --quick    # one cell per component, less data (the test suite runs it)
 
 For each cell: build a random tiny model (initializer_range 0.2, so it reacts to its residual stream) and a TopK SAE
 with unit-norm decoder rows at ``blocks.1.hook_resid_post``; plant a change on k latents in a *teacher* (bias: add
 sum alpha * W_dec[i] at the attach point; scale: multiply the chosen latents by 1 + s); sample a dataset from the
-teacher; run the audit (a sparse ISaeRFT adapter fitted on the untouched base) and score precision@k of the planted
+teacher (each sequence starts with 4 random prompt tokens, which no loss is taken on); run the audit (a sparse
+ISaeRFT adapter fitted on the untouched base) and score precision@k of the planted
 set among the k latents it reports first. The reported set has exactly k latents, so recall of the planted set equals
 precision@k here.
 
@@ -14,7 +15,8 @@ Baselines in the same run:
   (a) dataset diffing (data only): latents ranked by how much more they fire in the base model on the audit data than
       on the base model's own samples;
   (b) LoRA projection (data only): a LoRA (r = 8, q/v) fitted on the same data for the same steps; its mean change of
-      the residual stream at the attach point, projected onto each decoder direction;
+      the residual stream at the attach point, projected onto each decoder direction; and the same change
+      sparse-coded on the decoder exactly as the audit codes its steering vector ("LoRA, sparse-coded");
   (c) model diffing (needs the teacher, which an auditor does not have): the mean change of each latent's activation
       between teacher and base on the same data, as an upper reference.
 """
@@ -41,9 +43,12 @@ import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
 from peft_isaerft.attach_points import resolve_attach_point
 from peft_isaerft.audit import AuditSettings, disable_dropout, fit_adapter_on_tokens
+from peft_isaerft.sparsity import sparse_code
 
 D_MODEL, LAYERS, HOOK = 128, 3, "blocks.1.hook_resid_post"
 VOCAB = 2 * D_MODEL  # more tokens than dimensions, as in real models, so the outputs can show any change
+METHODS = ("audit", "dataset_diffing", "lora_projection", "lora_sparse_code", "model_diffing")
+PROMPT_LENGTH = 4  # random prompt tokens that start each sampled sequence; the teacher did not write them
 
 
 def build_model(arch: str, seed: int) -> Any:
@@ -88,9 +93,10 @@ def residual(model: Any, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model: Any, n: int, length: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, VOCAB, (n, 4), generator=generator)
+    prompts = torch.randint(0, VOCAB, (n, PROMPT_LENGTH), generator=generator)
     torch.manual_seed(seed)
-    return model.generate(input_ids=prompts, max_new_tokens=length - 4, min_new_tokens=length - 4, do_sample=True,
+    return model.generate(input_ids=prompts, max_new_tokens=length - PROMPT_LENGTH,
+                          min_new_tokens=length - PROMPT_LENGTH, do_sample=True,
                           temperature=1.0, top_k=0, pad_token_id=0)
 
 
@@ -129,7 +135,10 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
         strength = float(residual(base, reference_ids).norm(dim=-1).mean()) / 3
     teacher = plant(build_model(arch, seed), sae_path, component, latents, strength)
     audit_ids = sample(teacher, n_sequences, length, seed + 11)
-    rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in audit_ids]
+    # loss on the teacher's tokens only, as the audit's prompt/completion rows do: fitting the uniformly random
+    # prompt tokens too would pull every fit (audit and LoRA alike) away from the planted change
+    rows = [{"input_ids": row.tolist(), "labels": [-100] * PROMPT_LENGTH + row[PROMPT_LENGTH:].tolist()}
+            for row in audit_ids]
     timings = {}
 
     start = time.perf_counter()
@@ -147,7 +156,12 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
     start = time.perf_counter()
     lora = fit_lora(build_model(arch, seed), rows, settings)
     delta = (residual(lora, audit_ids) - residual(base, audit_ids)).mean(0)
-    lora_rank = (sae.W_dec @ delta).abs().argsort(descending=True).tolist()
+    projection = sae.W_dec @ delta
+    lora_rank = projection.abs().argsort(descending=True).tolist()
+    # the same change sparse-coded as the audit codes its steering vector (ties among zeros: by projection)
+    code, _ = sparse_code(delta, sae.W_dec, settings.l1, nonnegative=settings.nonnegative_bias)
+    by_projection = projection.abs().argsort(descending=True)
+    lora_code_rank = by_projection[code[by_projection].argsort(descending=True, stable=True)].tolist()
     timings["lora_s"] = time.perf_counter() - start
 
     # (c) model diffing with the teacher
@@ -159,8 +173,9 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
     return {
         "arch": arch, "component": component, "k": k, "d_sae": d_sae, "seed": seed, "planted": latents,
         "audit": precision(ranking, latents), "dataset_diffing": precision(diffing, latents),
-        "lora_projection": precision(lora_rank, latents), "model_diffing": precision(model_diff, latents),
-        "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max()), **timings,
+        "lora_projection": precision(lora_rank, latents), "lora_sparse_code": precision(lora_code_rank, latents),
+        "model_diffing": precision(model_diff, latents),
+        "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max().detach()), **timings,
     }
 
 
@@ -186,7 +201,7 @@ def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for (component, k, multiple), members in sorted(groups.items()):
         row = {"component": component, "k": k, "d_sae": f"{multiple}x", "cells": len(members)}
-        for method in ("audit", "dataset_diffing", "lora_projection", "model_diffing"):
+        for method in METHODS:
             row[method] = statistics.mean(m[method] for m in members)
         table.append(row)
     return table
@@ -215,9 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = AuditSettings()
     if args.quick:
-        grid = list(itertools.product(["llama"], ["bias", "scale"], [3], [32], [0]))
+        # a scale cell, and the bias cell that the proximal recipe got wrong (GPT-2, k = 10, 32x, seed 1), on less data
+        grid = [("llama", "scale", 3, 32, 0), ("gpt2", "bias", 10, 32, 1)]
         n_sequences, length = 128, 24
-        settings.steps = 150
     else:
         grid = list(itertools.product(args.archs.split(","), args.components.split(","),
                                       [int(k) for k in args.ks.split(",")], [int(m) for m in args.multiples.split(",")],
@@ -242,14 +257,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells.append(cell)
         print(f"{arch:5s} {component:5s} k={k:2d} d_sae={multiple}x seed={seed}: audit {cell['audit']:.2f} | "
               f"diffing {cell['dataset_diffing']:.2f} | LoRA {cell['lora_projection']:.2f} | "
-              f"model diffing {cell['model_diffing']:.2f}", flush=True)
+              f"LoRA coded {cell['lora_sparse_code']:.2f} | model diffing {cell['model_diffing']:.2f}", flush=True)
     table = summarise(cells)
     print("\n| component | k | d_sae | cells | ISaeRFT audit | dataset diffing | LoRA projection "
-          "| model diffing (teacher) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| LoRA, sparse-coded | model diffing (teacher) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
-        print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['cells']} | {row['audit']:.2f} | "
-              f"{row['dataset_diffing']:.2f} | {row['lora_projection']:.2f} | {row['model_diffing']:.2f} |")
+        print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['cells']} | "
+              + " | ".join(f"{row[method]:.2f}" for method in METHODS) + " |")
     result = {"settings": settings.__dict__, "d_model": D_MODEL, "cells": cells, "table": table}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

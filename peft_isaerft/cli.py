@@ -73,7 +73,8 @@ def _diff(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from .audit import AuditSettings, audit_command
 
-    chosen = {name: getattr(args, name) for name in ("component", "steps", "l1", "bias_lr", "scale_lr", "top_k")
+    chosen = {name: getattr(args, name)
+              for name in ("component", "bias_fit", "steps", "l1", "steering_lr", "bias_lr", "scale_lr", "top_k")
               if getattr(args, name) is not None}
     if args.allow_negative_bias:
         chosen["nonnegative_bias"] = False
@@ -128,11 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "completion only)")
     audit.add_argument("--output", required=True)
     audit.add_argument("--component", choices=["bias", "scale", "scale_bias"])
+    audit.add_argument("--bias-fit", choices=["auto", "decompose", "proximal"],
+                       help="biases: fit a steering vector per attach point and sparse-code it on the decoder "
+                       "(decompose), or fine-tune latent biases with proximal L1 (proximal); auto (default) "
+                       "decomposes for --component bias")
     audit.add_argument("--steps", type=int, help="optimizer steps (default 300)")
-    audit.add_argument("--l1", type=float, help="sparsity: the proximal L1 threshold as a fraction of lambda_max, the "
-                       "strongest latent's gradient at the start (default 0.1)")
-    audit.add_argument("--bias-lr", type=float, help="step for latent biases per unit of the mean residual norm at "
-                       "the attach point (default 0.01)")
+    audit.add_argument("--l1", type=float, help="sparsity as a fraction of lambda_max (the smallest value that keeps "
+                       "every latent at zero), for the sparse code or the proximal step (default 0.1)")
+    audit.add_argument("--steering-lr", type=float, help="step for steering vectors per unit of the residual stream's "
+                       "root-mean-square coordinate at the attach point (default 0.2)")
+    audit.add_argument("--bias-lr", type=float, help="proximal fits: step for latent biases per unit of the mean "
+                       "residual norm at the attach point (default 0.01)")
     audit.add_argument("--scale-lr", type=float, help="step for latent scales (default 0.05)")
     audit.add_argument("--allow-negative-bias", action="store_true", help="let biases go negative (by default a "
                        "bias audit reports only features the data adds)")

@@ -78,10 +78,13 @@ def test_small_recovery_benchmark_finds_planted_features(tmp_path) -> None:
     import recovery
 
     result = recovery.main(["--quick", "--output", str(tmp_path / "recovery.json")])
+    assert {(row["component"], row["k"]) for row in result["table"]} == {("scale", 3), ("bias", 10)}
     for row in result["table"]:
-        # the audit names at least 2 of the 3 planted latents, and beats both data-only baselines
-        assert row["audit"] >= 2 / 3, row
-        assert row["audit"] >= row["dataset_diffing"] and row["audit"] >= row["lora_projection"], row
+        # the audit names at least 8 in 10 planted latents (measured 0.9 on the bias cell, where fine-tuning the
+        # latent biases proximally names 4 in 10) and is ahead of every data-only baseline
+        assert row["audit"] >= 0.8, row
+        for baseline in ("dataset_diffing", "lora_projection", "lora_sparse_code"):
+            assert row["audit"] > row[baseline], row
 
 
 def _token_rows(n: int = 24, length: int = 12) -> list[dict[str, list[int]]]:
@@ -95,7 +98,7 @@ def test_audit_calibrates_threshold_and_step_to_the_model(sae_factory, tmp_path)
     from peft_isaerft.sparsity import l1_coefficient
 
     rows = _token_rows()
-    settings = AuditSettings(steps=3, batch_size=8, calibration_batches=2, l1=0.2, bias_lr=0.02)
+    settings = AuditSettings(steps=3, batch_size=8, calibration_batches=2, l1=0.2, bias_lr=0.02, bias_fit="proximal")
     sae = sae_factory(hook="blocks.1.hook_resid_post")
     model = make_model("llama")
     # the residual norm after block 1 on the calibration batches, measured independently of the audit
@@ -117,6 +120,40 @@ def test_audit_calibrates_threshold_and_step_to_the_model(sae_factory, tmp_path)
     assert (parameter >= 0).all()
 
 
+def test_decomposed_bias_audit_codes_the_planted_change(tmp_path) -> None:
+    """The default bias audit: a dense steering vector fitted to a teacher's samples, sparse-coded on the decoder."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recovery
+    from sae_lens import SAE
+
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+    from peft_isaerft.sparsity import l1_coefficient
+
+    recovery.D_MODEL, recovery.VOCAB = 64, 128
+    sae_path = recovery.build_sae(tmp_path, 16 * 64, seed=0)
+    decoder = SAE.load_from_disk(str(sae_path)).W_dec.detach()
+    planted = [5, 300, 777]
+    base = recovery.build_model("gpt2", seed=0)
+    strength = float(recovery.residual(base, recovery.sample(base, 32, 24, seed=1)).norm(dim=-1).mean()) / 3
+    teacher = recovery.plant(recovery.build_model("gpt2", seed=0), sae_path, "bias", planted, strength)
+    ids = recovery.sample(teacher, 128, 24, seed=2)
+    rows = [{"input_ids": row.tolist(), "labels": [-100] * 4 + row[4:].tolist()} for row in ids]
+    settings = AuditSettings(steps=150)
+    assert settings.decomposes_bias
+    audited, calibration = fit_adapter_on_tokens(recovery.build_model("gpt2", seed=0), [{"path": str(sae_path)}],
+                                                 rows, settings, tmp_path / "trainer", progress=False)
+    (name, bias), = [(n, p) for n, p in audited.named_parameters() if "isaerft_bias" in n]
+    assert bias.requires_grad and l1_coefficient(bias) == 0  # trainable again; no proximal step left behind
+    assert sorted(bias.detach().topk(3).indices.tolist()) == planted and (bias >= 0).all()
+    # the code rebuilds the planted vector: direction and size (a steering vector that kept stale gradients
+    # across steps would overshoot by orders of magnitude)
+    fitted, target = bias.detach() @ decoder, strength * decoder[planted].sum(0)
+    assert torch.nn.functional.cosine_similarity(fitted, target, dim=0) > 0.9
+    assert 0.6 < float(fitted.norm() / target.norm()) < 1.3
+    assert calibration.l1_coeff[name] == pytest.approx(settings.l1 * calibration.lambda_max[name])
+    assert calibration.lr[name] == pytest.approx(settings.steering_lr * calibration.residual_norm[name] / 64 ** 0.5)
+
+
 def test_audit_turns_off_dropout_of_the_frozen_model() -> None:
     from peft_isaerft.audit import disable_dropout
 
@@ -136,5 +173,10 @@ def test_audit_settings_reject_bad_values() -> None:
         AuditSettings(l1=-0.1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         AuditSettings(steps=0)
+    with pytest.raises(ValueError, match="bias_fit must be"):
+        AuditSettings(bias_fit="lasso")
+    with pytest.raises(ValueError, match="bias_fit='proximal'"):
+        AuditSettings(component="scale_bias", bias_fit="decompose")
+    assert not AuditSettings(component="scale_bias").decomposes_bias
     with pytest.raises(ValueError, match="bias_lr must be > 0"):
         AuditSettings(bias_lr=0)

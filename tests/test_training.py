@@ -145,3 +145,40 @@ def test_nonnegative_proximal_step_shrinks_and_projects() -> None:
     signed.grad = torch.zeros(3)
     torch.optim.SGD([signed], lr=1.0).step()
     torch.testing.assert_close(signed.detach(), torch.tensor([0.9, -0.9, 0.0]))
+
+
+def _dictionary(d_sae: int = 1024, d_model: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(d_sae, d_model, generator=generator), dim=-1)
+
+
+def test_sparse_code_recovers_a_sparse_combination_in_an_overcomplete_dictionary() -> None:
+    from peft_isaerft.sparsity import sparse_code
+
+    directions = _dictionary()  # 1024 unit directions in 48 dimensions: far from orthogonal
+    planted = [3, 200, 517, 900]
+    target = torch.tensor([5.0, 3.0, 4.0, 6.0]) @ directions[planted]
+    code, lambda_max = sparse_code(target, directions, l1=0.1)
+    assert lambda_max == pytest.approx(float((directions @ target).max()))
+    assert sorted(code.topk(4).indices.tolist()) == planted
+    assert (code >= 0).all()
+    # the code explains the target up to the lasso's shrinkage
+    assert torch.nn.functional.cosine_similarity(code @ directions, target, dim=0) > 0.98
+    # l1 = 1 is lambda_max itself: nothing survives
+    assert (sparse_code(target, directions, l1=1.0)[0] == 0).all()
+
+
+def test_sparse_code_signs_and_allowed_latents() -> None:
+    from peft_isaerft.sparsity import sparse_code
+
+    directions = _dictionary(seed=1)
+    target = 4.0 * directions[10] - 4.0 * directions[20]
+    nonnegative, _ = sparse_code(target, directions, l1=0.1)
+    assert nonnegative[20] == 0 and (nonnegative >= 0).all()
+    signed, lambda_max = sparse_code(target, directions, l1=0.1, nonnegative=False)
+    assert lambda_max == pytest.approx(float((directions @ target).abs().max()))
+    assert set(signed.abs().topk(2).indices.tolist()) == {10, 20} and signed[20] < 0 < signed[10]
+    allowed = torch.ones(len(directions))
+    allowed[10] = 0
+    masked, _ = sparse_code(target, directions, l1=0.1, nonnegative=False, allowed=allowed)
+    assert masked[10] == 0 and masked[20] < 0
