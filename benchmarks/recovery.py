@@ -24,18 +24,22 @@ Baselines in the same run:
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from sae_lens import SAE, TopKSAE, TopKSAEConfig
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,27 +79,72 @@ def build_sae(folder: Path, d_sae: int, seed: int) -> Path:
     return path
 
 
+@dataclass
+class Subject:
+    """A base model to plant into and audit, with its SAE: everything a cell needs besides the grid values."""
+
+    name: str
+    fresh_model: Callable[[], Any]
+    """A new copy of the untouched base model (the teacher, the audit and LoRA each get their own)."""
+    sae_path: Path
+    hook: str
+    prompts: Callable[[int, int], torch.Tensor]
+    """(n, seed) -> n prompts of PROMPT_LENGTH tokens each."""
+    lora_targets: list[str]
+
+
+def random_prompts(n: int, seed: int) -> torch.Tensor:
+    """The tiny models' prompts: uniformly random tokens."""
+    return torch.randint(0, VOCAB, (n, PROMPT_LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_subject(arch: str, multiple: int, seed: int, folder: Path) -> Subject:
+    return Subject(arch, lambda: build_model(arch, seed), build_sae(folder, multiple * D_MODEL, seed), HOOK,
+                   random_prompts, ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"])
+
+
+def smollm2_subject() -> Subject:
+    """SmolLM2-135M-Instruct (GGUF, offline) with the demo's SAE (4608 latents at layer 15, trained with sae-lens on
+    real text; cached after the first `isaerft demo`); prompts are the first tokens of that text."""
+    from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
+    from peft_isaerft.demo.corpus import load_corpus
+
+    base, tokenizer, name = load_demo_model()
+    settings = DemoSettings()
+    sae_path, _quality = demo_sae(base, tokenizer, name, settings)
+    texts, _sources = load_corpus()
+    starts = [ids[:PROMPT_LENGTH] for ids in tokenizer(texts[:4000])["input_ids"] if len(ids) >= PROMPT_LENGTH]
+
+    def text_prompts(n: int, prompt_seed: int) -> torch.Tensor:
+        chosen = torch.randperm(len(starts), generator=torch.Generator().manual_seed(prompt_seed))[:n]
+        return torch.tensor([starts[i] for i in chosen.tolist()])
+
+    return Subject("smollm2", lambda: copy.deepcopy(base), sae_path, settings.hook, text_prompts,
+                   ["q_proj", "v_proj"])
+
+
 @torch.no_grad()
-def residual(model: Any, ids: torch.Tensor) -> torch.Tensor:
+def residual(model: Any, ids: torch.Tensor, hook: str = HOOK) -> torch.Tensor:
     """The residual stream at the attach point (after any splice there), shape tokens x d_model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    point = resolve_attach_point(base, HOOK)
+    point = resolve_attach_point(base, hook)
     layers_path, _, index = point.module_path.rpartition(".")
     captured = []
     nxt = base.get_submodule(f"{layers_path}.{int(index) + 1}")
     handle = nxt.register_forward_pre_hook(lambda _m, args, kwargs: captured.append(
         args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    model(ids)
+    for batch in ids.split(64):
+        model(batch)
     handle.remove()
-    return captured[0].reshape(-1, D_MODEL)
+    return torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
 
 
 @torch.no_grad()
-def sample(model: Any, n: int, length: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, VOCAB, (n, PROMPT_LENGTH), generator=generator)
+def sample(model: Any, n: int, length: int, seed: int,
+           prompts: Callable[[int, int], torch.Tensor] = random_prompts) -> torch.Tensor:
+    """n sequences of ``length`` tokens: PROMPT_LENGTH prompt tokens, then the model's own samples."""
     torch.manual_seed(seed)
-    return model.generate(input_ids=prompts, max_new_tokens=length - PROMPT_LENGTH,
+    return model.generate(input_ids=prompts(n, seed), max_new_tokens=length - PROMPT_LENGTH,
                           min_new_tokens=length - PROMPT_LENGTH, do_sample=True,
                           temperature=1.0, top_k=0, pad_token_id=0)
 
@@ -112,14 +161,15 @@ def precision(ranking: list[int], planted: list[int]) -> float:
     return len(set(ranking[: len(planted)]) & set(planted)) / len(planted)
 
 
-def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settings: AuditSettings,
-             folder: Path, n_sequences: int, length: int) -> dict[str, Any]:
-    d_sae = multiple * D_MODEL
-    sae_path = build_sae(folder, d_sae, seed)
-    sae = SAE.load_from_disk(str(sae_path))
-    base = build_model(arch, seed)
-    reference_ids = sample(base, n_sequences, length, seed + 7)
-    base_z = sae.encode(residual(base, reference_ids))
+def run_cell(subject: Subject, component: str, k: int, seed: int, settings: AuditSettings, folder: Path,
+             n_sequences: int, length: int, with_lora: bool = True) -> dict[str, Any]:
+    sae = SAE.load_from_disk(str(subject.sae_path))
+    decoder = sae.W_dec.detach()
+    d_sae = decoder.shape[0]
+    base = subject.fresh_model().eval()
+    reference_ids = sample(base, n_sequences, length, seed + 7, subject.prompts)
+    base_residual = residual(base, reference_ids, subject.hook)
+    base_z = sae.encode(base_residual)
     generator = torch.Generator().manual_seed(seed)
     if component == "scale":
         # among the latents that fire most: a scale of a silent latent changes nothing and nobody can recover it
@@ -131,142 +181,170 @@ def run_cell(arch: str, component: str, k: int, multiple: int, seed: int, settin
     else:
         latents = torch.randperm(d_sae, generator=generator)[:k].tolist()
         # one alpha for every planted latent, as in sum_i alpha * W_dec[i]: each planted feature is equally strong
-        # whatever k is (a third of the residual stream's mean norm)
-        strength = float(residual(base, reference_ids).norm(dim=-1).mean()) / 3
-    teacher = plant(build_model(arch, seed), sae_path, component, latents, strength)
-    audit_ids = sample(teacher, n_sequences, length, seed + 11)
-    # loss on the teacher's tokens only, as the audit's prompt/completion rows do: fitting the uniformly random
-    # prompt tokens too would pull every fit (audit and LoRA alike) away from the planted change
+        # whatever k is (a third of the median token's residual norm; the median, since real models carry a few
+        # tokens of 100x the norm)
+        strength = float(base_residual.norm(dim=-1).median()) / 3
+    teacher = plant(subject.fresh_model(), subject.sae_path, component, latents, strength)
+    audit_ids = sample(teacher, n_sequences, length, seed + 11, subject.prompts)
+    # loss on the teacher's tokens only, as the audit's prompt/completion rows do: fitting the prompt tokens too
+    # would pull every fit (audit and LoRA alike) towards what the teacher did not write
     rows = [{"input_ids": row.tolist(), "labels": [-100] * PROMPT_LENGTH + row[PROMPT_LENGTH:].tolist()}
             for row in audit_ids]
     timings = {}
 
     start = time.perf_counter()
-    audited, _ = fit_adapter_on_tokens(build_model(arch, seed), [{"path": str(sae_path)}], rows, settings,
-                                    folder / "trainer", progress=False)
+    audited, _ = fit_adapter_on_tokens(subject.fresh_model(), [{"path": str(subject.sae_path)}], rows, settings,
+                                       folder / "trainer", progress=False)
     records = feature_report(audited, top_k=10 * k)
     ranking = list(dict.fromkeys(r.latent for r in records))
     timings["audit_s"] = time.perf_counter() - start
+    del audited
 
     # (a) dataset diffing
-    base_on_audit = sae.encode(residual(base, audit_ids)).mean(0)
+    base_audit_residual = residual(base, audit_ids, subject.hook)
+    base_on_audit = sae.encode(base_audit_residual).mean(0)
     diffing = (base_on_audit - base_z.mean(0)).abs().argsort(descending=True).tolist()
 
     # (b) LoRA fitted on the same data, its residual change projected onto the decoder
-    start = time.perf_counter()
-    lora = fit_lora(build_model(arch, seed), rows, settings)
-    delta = (residual(lora, audit_ids) - residual(base, audit_ids)).mean(0)
-    projection = sae.W_dec @ delta
-    lora_rank = projection.abs().argsort(descending=True).tolist()
-    # the same change sparse-coded as the audit codes its steering vector (ties among zeros: by projection)
-    code, _ = sparse_code(delta, sae.W_dec, settings.l1, nonnegative=settings.nonnegative_bias)
-    by_projection = projection.abs().argsort(descending=True)
-    lora_code_rank = by_projection[code[by_projection].argsort(descending=True, stable=True)].tolist()
-    timings["lora_s"] = time.perf_counter() - start
+    lora_scores: dict[str, float | None] = {"lora_projection": None, "lora_sparse_code": None}
+    if with_lora:
+        start = time.perf_counter()
+        lora = fit_lora(subject.fresh_model(), rows, settings, subject.lora_targets)
+        delta = (residual(lora, audit_ids, subject.hook) - base_audit_residual).mean(0)
+        del lora
+        projection = decoder @ delta
+        lora_scores["lora_projection"] = precision(projection.abs().argsort(descending=True).tolist(), latents)
+        # the same change sparse-coded as the audit codes its steering vector (ties among zeros: by projection)
+        code, _ = sparse_code(delta, decoder, settings.l1, nonnegative=settings.nonnegative_bias)
+        by_projection = projection.abs().argsort(descending=True)
+        lora_scores["lora_sparse_code"] = precision(
+            by_projection[code[by_projection].argsort(descending=True, stable=True)].tolist(), latents)
+        timings["lora_s"] = time.perf_counter() - start
 
     # (c) model diffing with the teacher
-    teacher_z = sae.encode(residual(teacher, audit_ids)).mean(0)
+    teacher_z = sae.encode(residual(teacher, audit_ids, subject.hook)).mean(0)
     model_diff = (teacher_z - base_on_audit).abs().argsort(descending=True).tolist()
 
-    cosines = sae.W_dec[latents] @ sae.W_dec.T
+    cosines = decoder[latents] @ decoder.T
     cosines[torch.arange(len(latents)), latents] = 0
     return {
-        "arch": arch, "component": component, "k": k, "d_sae": d_sae, "seed": seed, "planted": latents,
-        "audit": precision(ranking, latents), "dataset_diffing": precision(diffing, latents),
-        "lora_projection": precision(lora_rank, latents), "lora_sparse_code": precision(lora_code_rank, latents),
+        "arch": subject.name, "component": component, "k": k, "d_sae": d_sae,
+        "d_sae_multiple": d_sae // decoder.shape[1], "seed": seed, "planted": latents,
+        "audit": precision(ranking, latents), "dataset_diffing": precision(diffing, latents), **lora_scores,
         "model_diffing": precision(model_diff, latents),
-        "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max().detach()), **timings,
+        "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max()), **timings,
     }
 
 
-def fit_lora(model: Any, rows: list[dict[str, list[int]]], settings: AuditSettings) -> Any:
+def fit_lora(model: Any, rows: list[dict[str, list[int]]], settings: AuditSettings, targets: list[str]) -> Any:
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    target = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "v_proj"]
     disable_dropout(model)  # as the audit does
-    lora = get_peft_model(model, LoraConfig(r=8, target_modules=target))
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=settings.steps,
                              per_device_train_batch_size=settings.batch_size, learning_rate=5e-3,
                              lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, log_level="warning", seed=0)
-    Trainer(model=lora, args=args, train_dataset=Dataset.from_list(rows)).train()
+    trainer = Trainer(model=lora, args=args, train_dataset=Dataset.from_list(rows))
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
     return lora.eval()
 
 
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for cell in cells:
-        groups.setdefault((cell["component"], cell["k"], cell["d_sae"] // D_MODEL), []).append(cell)
+        groups.setdefault((cell["component"], cell["k"], cell["d_sae_multiple"]), []).append(cell)
     table = []
     for (component, k, multiple), members in sorted(groups.items()):
         row = {"component": component, "k": k, "d_sae": f"{multiple}x", "cells": len(members)}
         for method in METHODS:
-            row[method] = statistics.mean(m[method] for m in members)
+            scores = [m[method] for m in members if m[method] is not None]
+            row[method] = statistics.mean(scores) if scores else None
         table.append(row)
     return table
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", default="benchmarks/results/recovery.json")
-    parser.add_argument("--d-model", type=int, default=128, help="width of the random models (vocabulary: 2x)")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="plant into SmolLM2-135M-Instruct with the demo's SAE instead of random tiny models "
+                        "(--archs, --multiples and --d-model do not apply)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file (default benchmarks/results/recovery.json, or recovery_smollm2.json)")
+    parser.add_argument("--d-model", type=int, default=None, help="width of the random models (default 128; "
+                        "vocabulary: 2x)")
     parser.add_argument("--sequences", type=int, default=256, help="sequences of 32 tokens sampled from the teacher")
-    parser.add_argument("--archs", default="llama,gpt2")
+    parser.add_argument("--archs", default=None, help="tiny model architectures (default llama,gpt2)")
     parser.add_argument("--components", default="bias,scale")
     parser.add_argument("--ks", default="1,3,10")
-    parser.add_argument("--multiples", default="8,32", help="d_sae as multiples of d_model")
+    parser.add_argument("--multiples", default=None, help="d_sae as multiples of d_model (default 8,32)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline (the slowest part on a real "
+                        "model)")
     parser.add_argument("--l1", type=float, help="override the audit's l1 (a fraction of lambda_max)")
     parser.add_argument("--steps", type=int, help="override the audit's steps")
-    parser.add_argument("--bias-lr", type=float, help="override the audit's bias_lr (per unit residual norm)")
-    parser.add_argument("--scale-lr", type=float, help="override the audit's scale_lr")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any AuditSettings field, e.g. --set batch_size=16 --set nonnegative_bias=false")
+                        help="override any AuditSettings field, e.g. --set bias_fit=proximal --set steering_lr=0.1")
     args = parser.parse_args(argv)
+    if args.smollm2 and (args.quick or any(v is not None for v in (args.archs, args.multiples, args.d_model))):
+        parser.error("--smollm2 plants into one real model and SAE: drop --quick, --archs, --multiples and --d-model")
     global D_MODEL, VOCAB
-    D_MODEL, VOCAB = args.d_model, 2 * args.d_model
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    D_MODEL = args.d_model or 128
+    VOCAB = 2 * D_MODEL
     settings = AuditSettings()
-    if args.quick:
-        # a scale cell, and the bias cell that the proximal recipe got wrong (GPT-2, k = 10, 32x, seed 1), on less data
-        grid = [("llama", "scale", 3, 32, 0), ("gpt2", "bias", 10, 32, 1)]
-        n_sequences, length = 128, 24
-    else:
-        grid = list(itertools.product(args.archs.split(","), args.components.split(","),
-                                      [int(k) for k in args.ks.split(",")], [int(m) for m in args.multiples.split(",")],
-                                      [int(seed) for seed in args.seeds.split(",")]))
-        n_sequences, length = args.sequences, 32
-    for name, value in (("l1", args.l1), ("steps", args.steps), ("bias_lr", args.bias_lr),
-                        ("scale_lr", args.scale_lr)):
+    for name, value in (("l1", args.l1), ("steps", args.steps)):
         if value is not None:
             setattr(settings, name, value)
     for assignment in args.set:
         name, _, text = assignment.partition("=")
-        if not hasattr(settings, name):
+        if name not in {f.name for f in fields(AuditSettings)}:
             parser.error(f"--set {assignment}: AuditSettings has no field {name!r}")
         current = getattr(settings, name)
         value = text.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(text)
         setattr(settings, name, value)
     folder = Path(tempfile.mkdtemp())
+    components = args.components.split(",")
+    ks = [int(k) for k in args.ks.split(",")]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.quick:
+        # a scale cell, and the bias cell that the proximal recipe got wrong (GPT-2, k = 10, 32x, seed 1), on less data
+        grid = [("llama", 32, "scale", 3, 0), ("gpt2", 32, "bias", 10, 1)]
+        n_sequences, length = 128, 24
+    elif args.smollm2:
+        grid = [("smollm2", 0, component, k, seed) for component, k, seed in itertools.product(components, ks, seeds)]
+        n_sequences, length = args.sequences, 32
+    else:
+        grid = list(itertools.product((args.archs or "llama,gpt2").split(","),
+                                      [int(m) for m in (args.multiples or "8,32").split(",")], components, ks, seeds))
+        n_sequences, length = args.sequences, 32
+    real_subject = smollm2_subject() if args.smollm2 else None
     cells = []
-    for arch, component, k, multiple, seed in grid:
+    for arch, multiple, component, k, seed in tqdm(grid, desc="recovery cells", disable=len(grid) < 4):
+        subject = real_subject or tiny_subject(arch, multiple, seed, folder)
         settings.component = component
-        cell = run_cell(arch, component, k, multiple, seed, settings, folder, n_sequences, length)
+        cell = run_cell(subject, component, k, seed, settings, folder, n_sequences, length, with_lora=not args.no_lora)
         cells.append(cell)
-        print(f"{arch:5s} {component:5s} k={k:2d} d_sae={multiple}x seed={seed}: audit {cell['audit']:.2f} | "
-              f"diffing {cell['dataset_diffing']:.2f} | LoRA {cell['lora_projection']:.2f} | "
-              f"LoRA coded {cell['lora_sparse_code']:.2f} | model diffing {cell['model_diffing']:.2f}", flush=True)
+        tqdm.write(f"{arch:7s} {component:5s} k={k:2d} d_sae={cell['d_sae_multiple']}x seed={seed}: "
+                   f"audit {cell['audit']:.2f} | diffing {cell['dataset_diffing']:.2f} | "
+                   f"LoRA {_score(cell['lora_projection'])} | LoRA coded {_score(cell['lora_sparse_code'])} | "
+                   f"model diffing {cell['model_diffing']:.2f}")
     table = summarise(cells)
     print("\n| component | k | d_sae | cells | ISaeRFT audit | dataset diffing | LoRA projection "
           "| LoRA, sparse-coded | model diffing (teacher) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['cells']} | "
-              + " | ".join(f"{row[method]:.2f}" for method in METHODS) + " |")
-    result = {"settings": settings.__dict__, "d_model": D_MODEL, "cells": cells, "table": table}
-    output = Path(args.output)
+              + " | ".join(_score(row[method]) for method in METHODS) + " |")
+    result = {"settings": asdict(settings), "subject": "smollm2" if args.smollm2 else f"tiny, d_model {D_MODEL}",
+              "sequences": n_sequences, "length": length, "cells": cells, "table": table}
+    output = Path(args.output or f"benchmarks/results/recovery{'_smollm2' if args.smollm2 else ''}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {output}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ class AuditSettings:
     - ``l1``: the proximal L1 threshold (see :mod:`peft_isaerft.sparsity`) as a fraction of ``lambda_max``, the
       largest gradient any latent gets at the start on the audit data: the smallest threshold that would keep
       every latent at zero. 0.1 keeps the latents whose pull is at least a tenth of the strongest one's.
-    - ``bias_lr``: Adam's step for latent biases as a fraction of the mean residual-stream norm at the attach
+    - ``bias_lr``: Adam's step for latent biases as a fraction of the median token's residual-stream norm at the attach
       point per unit decoder norm, since a bias must grow to the size of the activations it shifts (a fixed
       step cannot reach a feature of norm 250 in a model whose residual stream is that large).
     """
@@ -96,7 +96,9 @@ class Calibration:
     lr: dict[str, float]
     """Adam's step: for the latent parameter (proximal fits) or for its steering vector (decomposed biases)."""
     residual_norm: dict[str, float]
-    """Mean residual-stream norm at the parameter's attach point (token-weighted, padding excluded)."""
+    """Median token norm of the residual stream at the parameter's attach point (padding excluded). The median,
+    not the mean: real models carry a few tokens ("attention sinks", often the first) whose norm is 100x the rest
+    (SmolLM2 layer 15: 23000 against a median of 170), and a step sized by them would overshoot every other token."""
 
 
 def parse_sae_argument(value: str) -> dict[str, str]:
@@ -176,7 +178,7 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     """:func:`fit_adapter` for rows that are already token ids (``input_ids`` and ``labels``)."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from . import ISaeRFTConfig
 
@@ -195,21 +197,28 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
         remove_unused_columns=False, disable_tqdm=not progress, log_level="warning" if not progress else "passive",
     )
     dataset = Dataset.from_list(list(tokenised))
+
+    def train(optimizer: torch.optim.Optimizer) -> None:
+        trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collate,
+                          optimizers=(optimizer, None))
+        if not progress:  # without a progress bar the Trainer prints its final metrics instead
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+
     if settings.decomposes_bias:
-        fit_decomposed_biases(peft_model, calibration, settings, Trainer, args, dataset, collate)
+        fit_decomposed_biases(peft_model, calibration, settings, train)
         return peft_model.eval(), calibration
     parameters = dict(peft_model.named_parameters())
-    optimizer = torch.optim.AdamW(
+    train(torch.optim.AdamW(
         [{"params": [parameters[name]], "lr": lr} for name, lr in calibration.lr.items()], weight_decay=0.0
-    )
-    Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collate,
-            optimizers=(optimizer, None)).train()
+    ))
     return peft_model.eval(), calibration
 
 
-def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: AuditSettings, trainer_class: Any,
-                          args: Any, dataset: Any, collate: Any) -> None:
-    """Fit the bias adapter in two steps and write the result into its latent biases.
+def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: AuditSettings,
+                          train: Callable[[torch.optim.Optimizer], None]) -> None:
+    """Fit the bias adapter in two steps and write the result into its latent biases (``train`` runs the
+    audit's Trainer with the optimizer it is given).
 
     1. One dense steering vector per attach point, added there by hooks, trained on the data with the latent
        biases frozen (``d_model`` numbers per point: a well-posed fit that reaches the data's optimum).
@@ -254,8 +263,7 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
                                       weight_decay=0.0)
         # Trainer zeroes the gradients of the model's own parameters only; these vectors live outside the model
         optimizer.register_step_post_hook(lambda opt, _args, _kwargs: opt.zero_grad(set_to_none=True))
-        trainer_class(model=peft_model, args=args, train_dataset=dataset, data_collator=collate,
-                      optimizers=(optimizer, None)).train()
+        train(optimizer)
     finally:
         for handle in handles:
             handle.remove()
@@ -319,14 +327,13 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
                 for adapter_name, parameter in getattr(module, f"isaerft_{kind}").items():
                     owners[id(parameter)] = (module, adapter_name, kind)
     trained = [owners[id(p)] for p in named.values()]
-    norm_sums: dict[int, float] = {}
-    token_count = 0.0
+    token_norms: dict[int, list[torch.Tensor]] = {}
     handles = []
     mask_now: list[torch.Tensor] = []
 
     def record(module: ISaeRFTLayer, hidden: torch.Tensor) -> torch.Tensor:
-        mask = mask_now[0].to(hidden.device, hidden.dtype)
-        norm_sums[id(module)] = norm_sums.get(id(module), 0.0) + float((hidden.detach().norm(dim=-1) * mask).sum())
+        norms = hidden.detach().float().norm(dim=-1)[mask_now[0].to(hidden.device).bool()]
+        token_norms.setdefault(id(module), []).append(norms.cpu())
         return hidden
 
     for module, adapter_name, _kind in {id(owner[0]): owner for owner in trained}.values():
@@ -342,7 +349,6 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items()}
             mask_now[:] = [batch["attention_mask"]]
-            token_count += float(batch["attention_mask"].sum())
             peft_model.zero_grad()
             peft_model(**batch).loss.backward()
             for name, p in named.items():
@@ -357,7 +363,8 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
         lambda_max[name] = float(gradients[name].abs().max())
         l1_coeff[name] = settings.l1 * lambda_max[name]
         register_l1(p, l1_coeff[name], nonnegative=settings.nonnegative_bias and kind == "bias")
-        residual_norm[name] = norm_sums.get(id(module), 0.0) / max(token_count, 1.0)
+        norms = torch.cat(token_norms.get(id(module), [torch.zeros(1)]))
+        residual_norm[name] = float(norms.median()) if len(norms) else 0.0
         if kind == "bias":
             decoder_norm = float(decoder_directions(module.isaerft_splices[adapter_name].sae).norm(dim=-1).median())
             lr[name] = settings.bias_lr * residual_norm[name] / max(decoder_norm, 1e-8)

@@ -101,10 +101,10 @@ def test_audit_calibrates_threshold_and_step_to_the_model(sae_factory, tmp_path)
     settings = AuditSettings(steps=3, batch_size=8, calibration_batches=2, l1=0.2, bias_lr=0.02, bias_fit="proximal")
     sae = sae_factory(hook="blocks.1.hook_resid_post")
     model = make_model("llama")
-    # the residual norm after block 1 on the calibration batches, measured independently of the audit
+    # the median token norm after block 1 on the calibration batches, measured independently of the audit
     with torch.no_grad():
         batch = torch.tensor([r["input_ids"] for r in rows[:16]])
-        expected_norm = float(model(batch, output_hidden_states=True).hidden_states[2].norm(dim=-1).mean())
+        expected_norm = float(model(batch, output_hidden_states=True).hidden_states[2].norm(dim=-1).median())
     peft_model, calibration = fit_adapter_on_tokens(model, [{"path": str(sae)}], rows, settings, tmp_path,
                                                     progress=False)
     (name, parameter), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -152,6 +152,35 @@ def test_decomposed_bias_audit_codes_the_planted_change(tmp_path) -> None:
     assert 0.6 < float(fitted.norm() / target.norm()) < 1.3
     assert calibration.l1_coeff[name] == pytest.approx(settings.l1 * calibration.lambda_max[name])
     assert calibration.lr[name] == pytest.approx(settings.steering_lr * calibration.residual_norm[name] / 64 ** 0.5)
+
+
+def test_decomposed_bias_audit_codes_one_steering_vector_per_sae(sae_factory, tmp_path, monkeypatch) -> None:
+    from sae_lens import SAE
+
+    from peft_isaerft import sparsity
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+
+    coded: list[torch.Tensor] = []
+    original = sparsity.sparse_code
+
+    def recording(target, *args, **kwargs):
+        coded.append(target.clone())
+        return original(target, *args, **kwargs)
+
+    monkeypatch.setattr(sparsity, "sparse_code", recording)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    saes = [sae_factory(hook=hook, seed=i) for i, hook in enumerate(hooks)]
+    settings = AuditSettings(steps=20, calibration_batches=2, l1=0.2)
+    audited, calibration = fit_adapter_on_tokens(make_model("llama"), [{"path": str(p)} for p in saes],
+                                                 _token_rows(), settings, tmp_path, progress=False)
+    biases = [(n, p) for n, p in audited.named_parameters() if "isaerft_bias" in n]
+    assert len(biases) == 2 and len(coded) == 2 and set(calibration.lr) == {n for n, _ in biases}
+    assert not torch.allclose(coded[0], coded[1])  # one vector per attach point, each fitted
+    for (name, bias), target, path in zip(biases, coded, saes, strict=True):
+        decoder = SAE.load_from_disk(str(path)).W_dec.detach()
+        expected, lambda_max = original(target, decoder, 0.2)
+        torch.testing.assert_close(bias.detach(), expected)
+        assert (bias > 0).sum() >= 1 and calibration.lambda_max[name] == pytest.approx(lambda_max)
 
 
 def test_audit_turns_off_dropout_of_the_frozen_model() -> None:
