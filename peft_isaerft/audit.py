@@ -49,8 +49,8 @@ class AuditSettings:
     steps: int = 300
     l1: float = 0.1
     steering_lr: float = 0.2
-    """Adam's step for a steering vector, in units of the residual stream's root-mean-square coordinate at the
-    attach point; it decays to zero on a cosine, so the vector settles instead of jittering by one step."""
+    """Adam's step for a steering vector, in units of the median token's root-mean-square coordinate at the attach
+    point; it decays to zero on a cosine, so the vector settles instead of jittering by one step."""
     bias_lr: float = 0.01
     scale_lr: float = 0.05
     """Scales are dimensionless (the latent is multiplied by 1 + s), so their step is absolute."""
@@ -229,7 +229,7 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
     so both fit the same functions, but the L1 trade-off in the loss's own metric lets a few latents that
     correlate with the whole change ("hubs") replace the features that make it; in the residual stream's
     Euclidean metric, where the SAE's dictionary is defined, the code is the features. On the recovery benchmark's
-    hard cells this is the difference between 0.4 and 1.0 precision (README, audit section).
+    hardest cells this is the difference between 0.3 to 0.5 and 1.0 precision (README, audit section).
     """
     from .sparsity import register_l1, sparse_code
     from .tuner.layer import ISaeRFTLayer, _map_first_input, _map_first_output
