@@ -229,7 +229,7 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
     so both fit the same functions, but the L1 trade-off in the loss's own metric lets a few latents that
     correlate with the whole change ("hubs") replace the features that make it; in the residual stream's
     Euclidean metric, where the SAE's dictionary is defined, the code is the features. On the recovery benchmark's
-    hardest cells this is the difference between 0.3 to 0.5 and 1.0 precision (README, audit section).
+    hardest cells this is the difference between 0.3 to 0.4 and 1.0 precision (README, audit section).
     """
     from .sparsity import register_l1, sparse_code
     from .tuner.layer import ISaeRFTLayer, _map_first_input, _map_first_output
