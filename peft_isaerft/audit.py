@@ -231,23 +231,19 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
     Euclidean metric, where the SAE's dictionary is defined, the code is the features. On the recovery benchmark's
     hardest cells this is the difference between 0.3 to 0.4 and 1.0 precision (README, audit section).
     """
-    from .sparsity import register_l1, sparse_code
-    from .tuner.layer import ISaeRFTLayer, _map_first_input, _map_first_output
+    from .sparsity import sparse_code
+    from .tuner.layer import _map_first_input, _map_first_output
 
     named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    owners = {id(parameter): (module, adapter_name)
-              for module in peft_model.modules() if isinstance(module, ISaeRFTLayer)
-              for adapter_name, parameter in module.isaerft_bias.items()}
+    owners = _owners(peft_model)
     steering: dict[str, torch.nn.Parameter] = {}
     handles = []
     try:
         for name, parameter in named.items():
-            module, adapter_name = owners[id(parameter)]
+            module, adapter_name, _kind = owners[id(parameter)]
             splice = module.isaerft_splices[adapter_name]
-            width = splice.sae.cfg.d_in
-            vector = torch.nn.Parameter(torch.zeros(width, device=parameter.device, dtype=torch.float32))
+            vector = torch.nn.Parameter(torch.zeros(splice.sae.cfg.d_in, device=parameter.device, dtype=torch.float32))
             steering[name] = vector
-            calibration.lr[name] = settings.steering_lr * calibration.residual_norm[name] / width ** 0.5
 
             def add(hidden: torch.Tensor, vector: torch.nn.Parameter = vector) -> torch.Tensor:
                 return hidden + vector.to(hidden.dtype)
@@ -257,8 +253,7 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
                     lambda _m, a, kw, add=add: _map_first_input(a, kw, add), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(lambda _m, _a, out, add=add: _map_first_output(out, add)))
-            register_l1(parameter, 0.0)  # the latent biases are not stepped here; their sparsity comes from the code
-            parameter.requires_grad_(False)
+            parameter.requires_grad_(False)  # the latent biases are not stepped here; they receive the code
         optimizer = torch.optim.AdamW([{"params": [steering[name]], "lr": calibration.lr[name]} for name in steering],
                                       weight_decay=0.0)
         # Trainer zeroes the gradients of the model's own parameters only; these vectors live outside the model
@@ -270,7 +265,7 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
         for parameter in named.values():
             parameter.requires_grad_(True)
     for name, parameter in named.items():
-        module, adapter_name = owners[id(parameter)]
+        module, adapter_name, _kind = owners[id(parameter)]
         splice = module.isaerft_splices[adapter_name]
         allowed = module.isaerft_latent_mask[adapter_name] if adapter_name in module.isaerft_latent_mask else None
         code, lambda_max = sparse_code(steering[name].detach(), decoder_directions(splice.sae), settings.l1,
@@ -299,9 +294,21 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def _owners(peft_model: Any) -> dict[int, tuple[Any, str, str]]:
+    """By id(): the layer, adapter name and kind ("scale" or "bias") of every ISaeRFT parameter."""
+    from .tuner.layer import ISaeRFTLayer
+
+    return {id(parameter): (module, adapter_name, kind)
+            for module in peft_model.modules() if isinstance(module, ISaeRFTLayer)
+            for kind in ("scale", "bias")
+            for adapter_name, parameter in getattr(module, f"isaerft_{kind}").items()}
+
+
 def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], settings: AuditSettings) -> Calibration:
     """Measure ``lambda_max`` and the residual norm of every trained parameter on ``batches`` (the adapter is still
     the identity, so this is the base model), register each parameter's absolute L1 threshold and pick its step.
+    For decomposed biases (``settings.decomposes_bias``) only the residual norm is measured, by forward passes:
+    their threshold comes from the sparse code of the fitted vector and their step is the steering vector's.
 
     Use it to give your own training loop the audit's scale-free sparsity and steps.
 
@@ -319,13 +326,7 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
     if not named:
         raise ValueError("The audit adapter has no trainable parameters; check the SAEs and latent lists.")
     device = next(iter(named.values())).device
-    # by id(): which layer, adapter and kind each trained parameter belongs to
-    owners: dict[int, tuple[ISaeRFTLayer, str, str]] = {}
-    for module in peft_model.modules():
-        if isinstance(module, ISaeRFTLayer):
-            for kind in ("scale", "bias"):
-                for adapter_name, parameter in getattr(module, f"isaerft_{kind}").items():
-                    owners[id(parameter)] = (module, adapter_name, kind)
+    owners = _owners(peft_model)
     trained = [owners[id(p)] for p in named.values()]
     token_norms: dict[int, list[torch.Tensor]] = {}
     handles = []
@@ -349,6 +350,10 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items()}
             mask_now[:] = [batch["attention_mask"]]
+            if settings.decomposes_bias:
+                with torch.no_grad():
+                    peft_model(**batch)
+                continue
             peft_model.zero_grad()
             peft_model(**batch).loss.backward()
             for name, p in named.items():
@@ -360,13 +365,19 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
         peft_model.zero_grad(set_to_none=True)
     lambda_max, l1_coeff, lr, residual_norm = {}, {}, {}, {}
     for (name, p), (module, adapter_name, kind) in zip(named.items(), trained, strict=True):
+        norms = torch.cat(token_norms.get(id(module), [torch.zeros(1)]))
+        residual_norm[name] = float(norms.median()) if len(norms) else 0.0
+        splice = module.isaerft_splices[adapter_name]
+        if settings.decomposes_bias:
+            lr[name] = settings.steering_lr * residual_norm[name] / splice.sae.cfg.d_in ** 0.5
+            logger.info("audit calibration %s: residual norm %.3g, steering lr %.3g", name, residual_norm[name],
+                        lr[name])
+            continue
         lambda_max[name] = float(gradients[name].abs().max())
         l1_coeff[name] = settings.l1 * lambda_max[name]
         register_l1(p, l1_coeff[name], nonnegative=settings.nonnegative_bias and kind == "bias")
-        norms = torch.cat(token_norms.get(id(module), [torch.zeros(1)]))
-        residual_norm[name] = float(norms.median()) if len(norms) else 0.0
         if kind == "bias":
-            decoder_norm = float(decoder_directions(module.isaerft_splices[adapter_name].sae).norm(dim=-1).median())
+            decoder_norm = float(decoder_directions(splice.sae).norm(dim=-1).median())
             lr[name] = settings.bias_lr * residual_norm[name] / max(decoder_norm, 1e-8)
         else:
             lr[name] = settings.scale_lr

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "every latent at zero), for the sparse code or the proximal step (default 0.1)")
     audit.add_argument("--steering-lr", type=float, help="step for steering vectors per unit of the residual stream's "
                        "root-mean-square coordinate at the attach point (default 0.2)")
-    audit.add_argument("--bias-lr", type=float, help="proximal fits: step for latent biases per unit of the mean "
-                       "residual norm at the attach point (default 0.01)")
+    audit.add_argument("--bias-lr", type=float, help="proximal fits: step for latent biases per unit of the median "
+                       "token's residual norm at the attach point (default 0.01)")
     audit.add_argument("--scale-lr", type=float, help="step for latent scales (default 0.05)")
     audit.add_argument("--allow-negative-bias", action="store_true", help="let biases go negative (by default a "
                        "bias audit reports only features the data adds)")

@@ -78,18 +78,20 @@ def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
     return loaded.eval(), tokenizer, name
 
 
-def demo_sae(base: Any, tokenizer: Any, model_name: str, settings: DemoSettings | None = None) -> tuple[Path, Any]:
+def demo_sae(base: Any, tokenizer: Any, model_name: str, settings: DemoSettings | None = None,
+             texts: list[str] | None = None) -> tuple[Path, Any]:
     """The demo's SAE folder for ``model_name`` and its measured quality: trained with sae-lens on the offline corpus
-    on first use (about 3.5 minutes on 2 cores for SmolLM2), then cached under ``~/.cache/peft_isaerft/demo``."""
+    (``texts``, loaded when not given) on first use (about 3.5 minutes on 2 cores for SmolLM2), then cached under
+    ``~/.cache/peft_isaerft/demo``."""
     from .corpus import load_corpus
     from .sae_training import train_or_load_demo_sae
 
     settings = settings or DemoSettings()
-    texts, _sources = load_corpus()
+    texts = texts if texts is not None else load_corpus()[0]
     d_sae = settings.sae_width_multiple * base.config.hidden_size
-    cache_dir = _cache_root() / model_name / (
+    folder = _cache_root() / model_name / (
         f"{settings.hook}-d{d_sae}-k{settings.sae_k}-t{settings.sae_tokens}-e{settings.sae_epochs}-v1")
-    return train_or_load_demo_sae(base, tokenizer, texts[settings.label_texts:], settings.hook, cache_dir, d_sae=d_sae,
+    return train_or_load_demo_sae(base, tokenizer, texts[settings.label_texts:], settings.hook, folder, d_sae=d_sae,
                                   k=settings.sae_k, n_tokens=settings.sae_tokens, epochs=settings.sae_epochs)
 
 
@@ -173,7 +175,7 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
     d_sae = settings.sae_width_multiple * base.config.hidden_size
     step_start = time.time()
     label_texts = texts[: settings.label_texts]
-    sae_dir, quality = demo_sae(base, tokenizer, model_name, settings)
+    sae_dir, quality = demo_sae(base, tokenizer, model_name, settings, texts)
     timings["sae_s"] = time.time() - step_start
     print(f"      SAE ({d_sae} latents, cached in {sae_dir}): {quality.summary()}")
 
