@@ -1,7 +1,13 @@
 """Speed and memory of ISaeRFT against LoRA and the frozen base, measured side by side in one run.
 
-    python benchmarks/speed.py                 # the full grid (about 10 minutes on 2 CPU cores)
-    python benchmarks/speed.py --quick         # a tiny grid, to check that it runs
+    python benchmarks/speed.py                       # the CPU grid (about 10 minutes on 2 CPU cores)
+    python benchmarks/speed.py --quick               # a tiny grid, to check that it runs
+    python benchmarks/speed.py --preset gemma-2-2b   # one GPU: Gemma-2-2B shapes with Gemma Scope-like SAEs
+    python benchmarks/speed.py --single scale        # one method of the CPU headline cell, alone in its process
+
+``--single`` is for whole-process figures (peak resident memory, wall time), each method in its own process, e.g.
+``farm-bench --vs 'python benchmarks/speed.py --single lora' -- python benchmarks/speed.py --single scale``.
+The GPU preset is described in ``benchmarks/gpu_preset.py``.
 
 Model: Llama-style, d_model 512, 8 layers; TopK SAEs (k = 64) at the middle layer (1 SAE) or at layers 1, 3, 5, 7
 (4 SAEs); d_sae in {8x, 32x} d_model; sequence lengths 128, 512, 2048 at batch 4.
@@ -146,7 +152,20 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/speed.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
+    parser.add_argument("--preset", choices=["cpu", "gemma-2-2b"], default="cpu",
+                        help="cpu: the grid below; gemma-2-2b: the GPU table of benchmarks/gpu_preset.py")
+    parser.add_argument("--single", choices=["base", "lora", "bias", "scale", "scale_bias", "scale-dense", "encoder"],
+                        help="time only this method in the d_sae 32x, seq 512 cell (1 SAE) and exit")
     args = parser.parse_args()
+    if args.preset == "gemma-2-2b":
+        import gpu_preset
+
+        gpu_preset.main(quick=args.quick, output=Path(args.output).with_name("speed_gemma-2-2b.json")
+                        if args.output == parser.get_default("output") else Path(args.output), device=args.device)
+        return
+    if args.single:
+        single(args.single, args.quick, args.repeats, args.device)
+        return
     if args.plot_only:
         output = Path(args.output)
         plot(json.loads(output.read_text()), output.with_suffix(".png"))
@@ -211,6 +230,23 @@ def main() -> None:
     print_table(result)
     plot(result, output.with_suffix(".png"))
     print(f"\nwrote {output} and {output.with_suffix('.png')}")
+
+
+def single(method: str, quick: bool, repeats: int, device: str) -> None:
+    """Time one method of the headline cell (d_sae = 32 x d_model, seq 512, 1 SAE) and print one line."""
+    torch.set_grad_enabled(True)
+    folder = Path(tempfile.mkdtemp())
+    model = build_model(quick).to(device)
+    d_model = model.config.hidden_size
+    seq, batch, k = (32, 2, 8) if quick else (512, 4, 64)
+    saes = [build_sae(folder, d_model, 32 * d_model, 4, k)]
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    if method == "encoder":
+        seconds, memory = encoder_seconds(saes[0], model, ids, max(3, repeats)), 0.0
+    else:
+        model = attach(model, method, saes, sparse=not method.endswith("-dense"))
+        seconds, memory = time_steps(model, ids, repeats, method)
+    print(json.dumps({"method": method, "step_s": seconds, "saved_mb": memory}))
 
 
 @torch.no_grad()

@@ -144,6 +144,7 @@ def test_device_map_auto_places_sae_on_attach_module_device(tmp_path, sae_factor
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
 def test_sparse_scale_backward_matches_dense_autograd(architecture, sae_factory) -> None:
+    from peft_isaerft.active_latents import selector_for
     from peft_isaerft.components import residual_delta
 
     sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
@@ -151,12 +152,11 @@ def test_sparse_scale_backward_matches_dense_autograd(architecture, sae_factory)
     hidden = torch.randn(3, 7, HIDDEN)
     scale = torch.randn(sae.cfg.d_sae) * 0.3
     results = []
-    for encoder in (None, sae.W_enc):
+    for selector in (None, selector_for(sae)):
         h = hidden.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
-        delta = residual_delta(
-            sae.encode, sae.W_dec, h, s, None, encoder=None if encoder is None else encoder.T.contiguous()
-        )
+        delta = residual_delta(sae.encode, sae.W_dec, h, s, None, select=selector,
+                               encoder_rows=sae.W_enc.T.contiguous())
         (delta * torch.linspace(-1, 1, HIDDEN)).pow(2).sum().backward()
         results.append((delta.detach(), h.grad, s.grad))
     (dense_delta, dense_h, dense_s), (sparse_delta, sparse_h, sparse_s) = results

@@ -15,8 +15,9 @@ from sae_lens import SAE
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..active_latents import selector_for, tf32_matmuls
 from ..attach_points import AttachPoint
-from ..components import SPARSE_BACKWARD_ARCHITECTURES, Component, residual_delta
+from ..components import Component, residual_delta
 from ..saes import SAEReference, decoder_directions
 from ..sparsity import register_l1
 from .config import ISaeRFTConfig
@@ -35,24 +36,30 @@ class Splice:
     component: Component
     sae: SAE
     sparse_backward: bool = True
-    """Keep only active latents for backward (see components.SparseLatentScale) where the SAE allows it."""
-
-    def encoder_rows(self) -> torch.Tensor:
-        """``W_enc`` transposed and contiguous (one row per latent), cached while ``W_enc`` is unchanged."""
-        weight = self.sae.W_enc
-        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
-        cached = getattr(self, "_encoder_rows", None)
-        if cached is None or cached[0] != key:
-            self._encoder_rows = (key, weight.detach().T.contiguous())
-        return self._encoder_rows[1]
+    """Work on each token's active latents only (see components.SparseLatentScale) where the SAE allows it; set it
+    to False to use plain autograd over dense latents instead."""
+    tf32: bool = False
+    """Run the SAE encoder's float32 matmuls in TF32 on CUDA (``ISaeRFTConfig.sae_tf32``)."""
 
     def __post_init__(self) -> None:
-        architecture = self.sae.cfg.architecture()
-        self.sparse_backward = (
-            self.sparse_backward
-            and architecture in SPARSE_BACKWARD_ARCHITECTURES
-            and not getattr(self.sae.cfg, "rescale_acts_by_decoder_norm", False)
-        )
+        self.selector = selector_for(self.sae, tf32=self.tf32)
+        self.sparse_backward = self.sparse_backward and self.selector is not None
+
+    def encoder_rows(self) -> torch.Tensor:
+        """``W_enc`` transposed (one contiguous row per latent), without a second copy of the encoder.
+
+        The first call stores the frozen SAE's ``W_enc`` row-per-latent in memory (same values, ``W_enc`` becomes a
+        transposed view), so ``x @ W_enc`` in the encoder and the backward's row gathers share one storage.
+        """
+        weight = self.sae.W_enc
+        if not weight.T.is_contiguous():
+            weight.data = weight.data.T.contiguous().T
+        return weight.detach().T
+
+    def encode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The SAE's dense latents (the plain-autograd path), in TF32 where asked."""
+        with tf32_matmuls(self.tf32):
+            return self.sae.encode(hidden)
 
 
 class ISaeRFTLayer(nn.Module, BaseTunerLayer):
@@ -150,8 +157,10 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 "the width matches."
             )
         scale, bias = self.adapter_parameters(adapter_name)
-        encoder = splice.encoder_rows() if splice.sparse_backward else None
-        return residual_delta(splice.sae.encode, decoder, hidden, scale, bias, encoder=encoder)
+        if splice.sparse_backward and scale is not None:
+            return residual_delta(splice.encode, decoder, hidden, scale, bias, select=splice.selector,
+                                  encoder_rows=splice.encoder_rows())
+        return residual_delta(splice.encode, decoder, hidden, scale, bias)
 
     def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         for adapter_name in adapters:

@@ -78,7 +78,7 @@ class ISaeRFTModel(BaseTuner):
             if device is not None and sae.W_dec.device != device:
                 sae.to(device)
             mask = config.latent_mask(index, hook, sae.cfg.d_sae, reference.label)
-            splices.append((Splice(point, reference, index, component, sae), mask))
+            splices.append((Splice(point, reference, index, component, sae, tf32=config.sae_tf32), mask))
         return splices
 
     def inject_adapter(

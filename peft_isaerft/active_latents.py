@@ -1,0 +1,191 @@
+"""Each token's active SAE latents, found once per encoder pass, as ``(values, indices)`` pairs.
+
+A scale adapter only needs the latents that fire: ``(s * z) @ D`` and its gradients touch ``L0`` latents per token,
+not ``d_sae``. How to find them without a second search over ``d_sae`` and without asking the GPU for a
+data-dependent size (a host-device synchronisation) depends on the SAE architecture, so each architecture family
+has one small selector class, registered by sae-lens's ``architecture()`` name:
+
+==================  ==================================================================================
+selector            how it finds the active set
+==================  ==================================================================================
+``TopKSelector``    the encoder's own top-k: pre-activations, ``topk(k)``, ReLU; the dense latents are
+                    never built (``k`` is static, so nothing waits on the GPU)
+``ThresholdSelector``  ReLU and JumpReLU: the encoder's dense output, then the ``width`` largest entries,
+                    ``width`` a static bound on L0 measured once and widened when a token reaches it
+==================  ==================================================================================
+
+Gated SAEs and SAEs with ``rescale_acts_by_decoder_norm`` have none: their latents' derivative is not
+``W_enc[:, i]``, so the splice uses plain autograd over dense latents for them.
+
+Example:
+    >>> selector = selector_for(sae)  # doctest: +SKIP
+    >>> values, indices = selector(hidden.reshape(-1, sae.cfg.d_in))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from sae_lens import SAE, JumpReLUSAE, StandardSAE, TopKSAE
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Allow TF32 float32 matmuls on CUDA inside the block only (a host-side flag: no synchronisation)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+CHUNK_ELEMENTS = {"cpu": 1 << 23}
+"""Largest ``tokens x d_sae`` block of pre-activations a selector builds at once, per device type (default
+:data:`DEFAULT_CHUNK_ELEMENTS`): a 2-core CPU gains nothing from larger blocks, and the process's peak memory stays
+within a few tens of MB of a bias adapter's."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+class LatentSelector:
+    """Finds each token's active latents of one SAE; one subclass per family of encoder architectures.
+
+    Every selector's latents are exact (equal to ``sae.encode``'s non-zeros) and have ``dz_i/dh = W_enc[:, i]``
+    on active latents, which is what the compact backward (``components.SparseLatentScale``) relies on. Tokens are
+    encoded in blocks (:data:`CHUNK_ELEMENTS`), so the dense pre-activations never exist for the whole batch at once.
+    """
+
+    encoder_classes: ClassVar[tuple[type[SAE], ...]] = ()
+    """sae-lens classes whose own ``encode`` this selector reproduces (subclasses that override it are refused)."""
+
+    def __init__(self, sae: SAE, tf32: bool = False) -> None:
+        self.sae = sae
+        self.tf32 = tf32
+
+    @classmethod
+    def accepts(cls, sae: SAE) -> bool:
+        encode = type(sae).encode
+        return (
+            any(encode is klass.encode for klass in cls.encoder_classes)
+            and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+        )
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` of ``hidden``'s (``tokens x d_in``) active latents, each ``tokens x width``;
+        padding slots hold value 0."""
+        budget = CHUNK_ELEMENTS.get(hidden.device.type, DEFAULT_CHUNK_ELEMENTS)
+        step = max(1, budget // self.sae.cfg.d_sae)
+        if hidden.shape[0] <= step:
+            return self.select(hidden)
+        parts = [self.select(hidden[start:start + step]) for start in range(0, hidden.shape[0], step)]
+        width = max(values.shape[-1] for values, _ in parts)
+        values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v, _ in parts])
+        indices = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for _, i in parts])
+        return values, indices
+
+    def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active latents of one block of tokens."""
+        raise NotImplementedError
+
+
+class TopKSelector(LatentSelector):
+    """TopK SAEs: the indices of the encoder's own top-k, without scattering them into dense latents."""
+
+    encoder_classes = (TopKSAE,)
+
+    def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sae = self.sae
+        with tf32_matmuls(self.tf32):
+            pre = sae.hook_sae_acts_pre(sae.process_sae_in(hidden) @ sae.W_enc + sae.b_enc)
+        values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+        return values.relu_(), indices
+
+
+class ThresholdSelector(LatentSelector):
+    """ReLU and JumpReLU SAEs: the encoder's dense output, then its ``width`` largest entries.
+
+    ``width`` is a static bound on the number of active latents per token, so finding them never waits on the
+    GPU. It is measured on the first block (the largest L0 seen, with headroom). A token whose ``width`` slots are
+    all active may have more: on a CPU the block is redone at once with the exact width; on a GPU the check is read
+    one call later, without waiting, and the width is doubled with a warning naming the count, since finding the
+    exact width would synchronise every step.
+    """
+
+    encoder_classes = (StandardSAE, JumpReLUSAE)
+    headroom = 1.5
+    granule = 32
+
+    def __init__(self, sae: SAE, tf32: bool = False) -> None:
+        super().__init__(sae, tf32)
+        self.width: int | None = None
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, int]] = []
+        self._host: torch.Tensor | None = None  # a ring of pinned slots the GPU writes its counts into
+        self._slot = 0
+
+    def _bounded(self, active: int) -> int:
+        granules = -(-int(active * self.headroom) // self.granule)
+        return max(1, min(self.sae.cfg.d_sae, max(granules, 1) * self.granule))
+
+    def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with tf32_matmuls(self.tf32):
+            latents = self.sae.encode(hidden)
+        self._read_pending()
+        if self.width is None:  # one synchronisation, on the first block only
+            self.width = self._bounded(int((latents != 0).sum(-1).max()))
+        values, indices = latents.topk(self.width, dim=-1, sorted=False)
+        if self.width >= latents.shape[-1]:
+            return values, indices
+        saturated = (values.amin(-1) > 0).sum()
+        if latents.device.type == "cpu":  # reading it costs nothing here: stay exact
+            if int(saturated):
+                self.width = self._bounded(int((latents != 0).sum(-1).max()))
+                values, indices = latents.topk(self.width, dim=-1, sorted=False)
+        else:
+            self._watch(saturated)
+        return values, indices
+
+    def _watch(self, saturated: torch.Tensor) -> None:
+        if self._host is None:
+            self._host = torch.zeros(256, dtype=saturated.dtype, pin_memory=torch.cuda.is_available())
+        host = self._host[self._slot % self._host.numel()]
+        self._slot += 1
+        host.copy_(saturated, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event, self.width or 0))
+
+    def _read_pending(self) -> None:
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
+            host, _event, width = self._pending.pop(0)
+            count = int(host)
+            if count and self.width is not None and self.width <= width:
+                self.width = min(self.sae.cfg.d_sae, 2 * width)
+                logger.warning(
+                    "%d token(s) of an earlier batch had %d or more active latents in SAE %s, the bound the splice "
+                    "keeps; their smallest activations beyond it were not scaled in that batch. The bound is now %d.",
+                    count, width, getattr(self.sae.cfg.metadata, "hook_name", "?"), self.width,
+                )
+
+
+SELECTORS: dict[str, type[LatentSelector]] = {
+    "topk": TopKSelector,
+    "standard": ThresholdSelector,
+    "jumprelu": ThresholdSelector,
+}
+"""sae-lens ``architecture()`` name -> the selector for it; architectures not listed use dense autograd."""
+
+
+def selector_for(sae: SAE, tf32: bool = False) -> LatentSelector | None:
+    """The active-latent selector for ``sae``, or None where the splice must use dense autograd."""
+    selector = SELECTORS.get(sae.cfg.architecture())
+    return selector(sae, tf32) if selector is not None and selector.accepts(sae) else None

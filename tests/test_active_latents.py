@@ -1,0 +1,156 @@
+"""The active-latent path of scale adapters: each architecture's selector finds exactly the encoder's non-zeros, and
+the compact splice equals plain autograd over dense latents (values and gradients of scale, bias and the input)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import HIDDEN, make_model
+from peft import get_peft_model
+from sae_lens import SAE
+
+from peft_isaerft import ISaeRFTConfig
+from peft_isaerft.active_latents import SELECTORS, ThresholdSelector, TopKSelector, selector_for
+from peft_isaerft.components import active_dots
+
+
+def _dense_from(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return torch.zeros(values.shape[0], d_sae, dtype=values.dtype).scatter_add_(1, indices, values)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_selector_finds_exactly_the_encoders_non_zeros(architecture, sae_factory) -> None:
+    sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
+    selector = selector_for(sae)
+    assert isinstance(selector, SELECTORS[architecture])
+    hidden = torch.randn(50, HIDDEN) * 2
+    values, indices = selector(hidden)
+    with torch.no_grad():
+        latents = sae.encode(hidden)
+    torch.testing.assert_close(_dense_from(values, indices, sae.cfg.d_sae), latents)
+    # each active latent appears once: no padding slot duplicates an active index
+    active_slots = (values != 0).sum(-1)
+    torch.testing.assert_close(active_slots, (latents != 0).sum(-1))
+
+
+def test_topk_selector_never_builds_dense_latents(sae_factory, monkeypatch) -> None:
+    sae = SAE.load_from_disk(str(sae_factory(architecture="topk")))
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the TopK selector must not call encode() (it would scatter dense latents)")
+
+    monkeypatch.setattr(sae, "encode", forbidden)
+    values, indices = TopKSelector(sae)(torch.randn(9, HIDDEN))
+    assert values.shape == indices.shape == (9, sae.cfg.k)
+
+
+def test_gated_and_decoder_norm_rescaled_saes_use_dense_autograd(sae_factory) -> None:
+    assert selector_for(SAE.load_from_disk(str(sae_factory(architecture="gated")))) is None
+    sae = SAE.load_from_disk(str(sae_factory(architecture="topk")))
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    assert selector_for(sae) is None
+
+
+def test_threshold_selector_stays_exact_when_a_later_batch_has_more_active_latents(sae_factory) -> None:
+    sae = SAE.load_from_disk(str(sae_factory(architecture="standard")))
+    selector = ThresholdSelector(sae)
+    selector(torch.randn(4, HIDDEN))
+    selector.width = small = 8  # as if the first batch had been a quiet one
+    loud = torch.randn(30, HIDDEN) * 5
+    values, indices = selector(loud)
+    with torch.no_grad():
+        latents = sae.encode(loud)
+    assert (latents != 0).sum(-1).max() > small, "the test needs a batch above the first bound"
+    torch.testing.assert_close(_dense_from(values, indices, sae.cfg.d_sae), latents)
+    assert selector.width >= int((latents != 0).sum(-1).max())
+
+
+def test_threshold_selector_widens_and_warns_on_a_late_saturation_report(sae_factory, caplog) -> None:
+    # on a GPU the saturation count is read one call later without waiting; simulate a report that arrived
+    sae = SAE.load_from_disk(str(sae_factory(architecture="jumprelu")))
+    selector = ThresholdSelector(sae)
+    selector(torch.randn(4, HIDDEN))
+    width = selector.width
+    selector._pending.append((torch.tensor(3), None, width))
+    with caplog.at_level(logging.WARNING, logger="peft_isaerft.active_latents"):
+        selector(torch.randn(4, HIDDEN))
+    assert selector.width == min(sae.cfg.d_sae, 2 * width)
+    assert "3 token(s)" in caplog.text and f"now {selector.width}" in caplog.text
+
+
+def test_active_dots_matches_a_dense_product_across_chunks(monkeypatch) -> None:
+    import peft_isaerft.components as components
+
+    monkeypatch.setitem(components.ACTIVE_DOT_ELEMENTS, "cpu", 5 * 3 * 16)  # five tokens per block
+    rows = torch.randn(40, 16)
+    grad = torch.randn(23, 16)
+    indices = torch.randint(0, 40, (23, 3))
+    torch.testing.assert_close(active_dots(grad, indices, rows), (grad @ rows.T).gather(1, indices))
+
+
+def _splice_outputs(sae_folder, component: str, dtype: torch.dtype, sparse: bool, input_ids):
+    model = make_model("llama", dtype=dtype)
+    peft_model = get_peft_model(
+        model, ISaeRFTConfig(saes=[{"path": str(sae_folder)}], component=component, init_weights=False)
+    )
+    layer = peft_model.base_model.model.model.layers[1]
+    splice = layer.isaerft_splices["default"]
+    splice.sparse_backward = sparse
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    logits = peft_model(inputs_embeds=embeds).logits
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).pow(2).mean().backward()
+    grads = {name: param.grad.clone() for name, param in layer.named_parameters() if param.requires_grad}
+    return logits.detach().float(), embeds.grad.float(), grads
+
+
+@pytest.mark.parametrize("component", ["scale", "scale_bias"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_splice_equals_dense_autograd_on_a_model(component, architecture, dtype, sae_factory,
+                                                         input_ids) -> None:
+    folder = sae_factory(architecture=architecture, hook="blocks.1.hook_resid_post")
+    dense = _splice_outputs(folder, component, dtype, False, input_ids)
+    sparse = _splice_outputs(folder, component, dtype, True, input_ids)
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(sparse[0], dense[0], **tolerance)
+    torch.testing.assert_close(sparse[1], dense[1], **tolerance)
+    assert sparse[2].keys() == dense[2].keys() and sparse[2]
+    for name in dense[2]:
+        torch.testing.assert_close(sparse[2][name], dense[2][name], **tolerance)
+    assert dense[1].abs().max() > 0
+
+
+def test_sae_tf32_is_validated_and_reaches_the_splice(sae_factory) -> None:
+    folder = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
+    with pytest.raises(ValueError, match="sae_tf32"):
+        ISaeRFTConfig(saes=[{"path": str(folder)}], sae_tf32="yes")
+    peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}], sae_tf32=True))
+    splice = peft_model.base_model.model.model.layers[1].isaerft_splices["default"]
+    assert splice.tf32 and splice.selector.tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # only inside the splice, never globally
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_selectors_encode_in_blocks_and_pad_to_one_width(architecture, sae_factory, monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
+    monkeypatch.setitem(active_latents.CHUNK_ELEMENTS, "cpu", 7 * sae.cfg.d_sae)  # seven tokens per block
+    hidden = torch.cat([torch.randn(20, HIDDEN) * 0.2, torch.randn(20, HIDDEN) * 5])  # quiet blocks, then loud ones
+    values, indices = selector_for(sae)(hidden)
+    assert values.shape[0] == 40
+    with torch.no_grad():
+        torch.testing.assert_close(_dense_from(values, indices, sae.cfg.d_sae), sae.encode(hidden))
+
+
+def test_scale_splice_shares_the_encoder_storage(sae_factory, input_ids) -> None:
+    folder = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
+    peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}], init_weights=False))
+    splice = peft_model.base_model.model.model.layers[1].isaerft_splices["default"]
+    original = SAE.load_from_disk(str(folder)).W_enc.detach()
+    peft_model(input_ids).logits.sum().backward()
+    rows = splice.encoder_rows()
+    assert rows.is_contiguous() and rows.data_ptr() == splice.sae.W_enc.data_ptr()  # no second copy
+    torch.testing.assert_close(splice.sae.W_enc.detach(), original)  # same values, only the layout changed
