@@ -36,7 +36,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 import peft_isaerft  # noqa: F401
-from peft_isaerft import ISaeRFTConfig, components
+from peft_isaerft import ISaeRFTConfig, components, kernels
 from peft_isaerft.active_latents import selector_for
 from peft_isaerft.saes import SAEReference, clear_sae_cache, load_sae
 
@@ -77,7 +77,8 @@ METHODS = [
     Method("bias", "bias"),
     Method("scale", "scale"),
     Method("scale, dense autograd", "scale", options={"sparse": False}),
-    Method("scale, dense active dots", "scale", options={"active_dots": "dense"}),
+    Method("scale, PyTorch ops (no Triton)", "scale", options={"triton": False}),
+    Method("scale, dense active dots", "scale", options={"active_dots": "dense", "triton": False}),
     Method("scale, sae_tf32", "scale", options={"sae_tf32": True}),
     Method("scale, sae_dtype bf16", "scale", options={"sae_dtype": "bfloat16"}),
     Method("scale_bias", "scale_bias"),
@@ -152,6 +153,7 @@ def attach(model: Any, method: Method, saes: list[str]) -> Any:
     options = dict(method.options)
     sparse = options.pop("sparse", True)
     components.ACTIVE_DOT_METHOD = options.pop("active_dots", "gather")
+    kernels.ENABLED = options.pop("triton", True)
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": p} for p in saes], component=method.component,
                                                      init_weights=False, **options))
     for module in peft_model.modules():
@@ -193,11 +195,14 @@ def time_method(model: Any, method: Method, saes: list[str], batches: list[torch
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     peft_model = attach(model, method, saes)
-    times = train_steps(peft_model, batches, device)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    try:
+        times = train_steps(peft_model, batches, device)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    finally:
+        model = release(peft_model)
     row = {"method": method.name, "step_s": statistics.median(times[2:]), "peak_gib": memory,
            "saes": len(saes) if method.component != "lora" else 0}
-    return row, release(peft_model)
+    return row, model
 
 
 @torch.no_grad()
@@ -351,10 +356,16 @@ def main(quick: bool, output: Path, device: str) -> None:
             for i, layer in enumerate(shapes.four_layers)]
     print(f"built the model and {len(one) + len(wide) + len(four)} SAEs in {time.perf_counter() - started:.0f} s",
           flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    raise_later: list[str] = []
     for method in METHODS:
         saes = four if method.four else wide if method.wide else one
-        row, model = time_method(model, method, saes, batches, device)
+        try:
+            row, model = time_method(model, method, saes, batches, device)
+        except Exception as error:  # keep the other rows of a lease-limited run; the JSON says what failed
+            print(f"{method.name}: {type(error).__name__}: {error}", flush=True)
+            raise_later.append(f"{method.name}: {error!r}")
+            continue
         rows.append(row)
         print(f"{row['method']:28s} step {row['step_s']:.3f} s  peak {row['peak_gib']:.1f} GiB", flush=True)
     probe = hidden[shapes.one_layer]
@@ -367,12 +378,15 @@ def main(quick: bool, output: Path, device: str) -> None:
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
               "torch": torch.__version__, "shapes": asdict(shapes), "rows": rows, "encoder_s": encoder,
               "synchronisations": syncs, "precision": precise,
-              "compact_vs_dense_relative_error": equal, "minutes": (time.perf_counter() - started) / 60}
+              "compact_vs_dense_relative_error": equal, "errors": raise_later,
+              "minutes": (time.perf_counter() - started) / 60}
     add_ratios(result)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print_table(result)
     print(f"\nwrote {output}")
+    if raise_later:
+        raise SystemExit("some methods failed: " + "; ".join(raise_later))
 
 
 def add_ratios(result: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@
 # from ../shared/gpu/wheelhouse.sh, built into .whl beside this checkout.
 #   bash benchmarks/gpu_run.sh          (on the GPU machine, from the checkout)
 #   QUICK=1 bash benchmarks/gpu_run.sh  (tiny shapes, to check the script on a CPU; skips the FSDP launch)
+#   FSDP=0 bash benchmarks/gpu_run.sh   (the speed preset only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -20,7 +21,7 @@ python3 -c "import torch, transformers, peft, sae_lens, accelerate; print('torch
 quick=${QUICK:+--quick}
 timeout 480 python3 benchmarks/speed.py --preset gemma-2-2b $quick --output "$OUT/speed_gemma-2-2b.json" 2>&1 \
   | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/preset.log"
-if [ -z "${QUICK:-}" ]; then
+if [ -z "${QUICK:-}" ] && [ "${FSDP:-1}" != 0 ]; then
   fsdp=$(mktemp -d)
   timeout 240 python3 -m accelerate.commands.launch --num_processes 1 --use_fsdp \
     --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \

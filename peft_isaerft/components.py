@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class Component:
@@ -109,12 +111,27 @@ ACTIVE_DOT_METHOD = "gather"
 more encoder-sized product, which matrix units can make cheaper than gathering when ``width`` is large)."""
 
 
-def active_dots(grad: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def weighted_row_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * rows[indices[t, j]]``: a decode from each token's active latents only.
+
+    A Triton kernel on CUDA where Triton is installed (:mod:`peft_isaerft.kernels`), ``embedding_bag`` elsewhere.
+    """
+    if kernels.usable(rows):
+        return kernels.weighted_row_sum(indices, weights, rows)
+    return torch.nn.functional.embedding_bag(indices, rows, per_sample_weights=weights, mode="sum")
+
+
+def active_dots(grad: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
+                values: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t, j] = grad[t] . rows[indices[t, j]]``: the gradient of each token's active latents only.
 
-    ``tokens x width x d_in`` multiply-adds instead of the ``tokens x d_sae x d_in`` of ``grad @ rows.T``; the rows
-    are gathered in blocks of at most :data:`ACTIVE_DOT_ELEMENTS` elements so memory stays flat.
+    ``tokens x width x d_in`` multiply-adds instead of the ``tokens x d_sae x d_in`` of ``grad @ rows.T``. With
+    ``values`` given and Triton on CUDA, a kernel reads only the rows of live slots (value != 0; it returns 0 for the
+    others); otherwise the rows are gathered in blocks of at most :data:`ACTIVE_DOT_ELEMENTS` elements so memory stays
+    flat.
     """
+    if values is not None and ACTIVE_DOT_METHOD == "gather" and kernels.usable(rows):
+        return kernels.active_dots(grad, indices, values, rows)
     if ACTIVE_DOT_METHOD == "dense":
         return (grad @ rows.T).gather(1, indices)
     tokens, width = indices.shape
@@ -141,7 +158,7 @@ class SparseLatentScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, scale, values, indices, encoder_rows, decoder):  # type: ignore[override]
         weights = values * scale[indices]
-        delta = torch.nn.functional.embedding_bag(indices, decoder, per_sample_weights=weights, mode="sum")
+        delta = weighted_row_sum(indices, weights, decoder)
         ctx.save_for_backward(scale, values, indices, encoder_rows, decoder)
         return delta
 
@@ -149,13 +166,12 @@ class SparseLatentScale(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         scale, values, indices, encoder_rows, decoder = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_latents = active_dots(grad, indices, decoder)
+        grad_latents = active_dots(grad, indices, decoder, values)
         grad_scale = grad_hidden = None
         if ctx.needs_input_grad[1]:
             grad_scale = torch.zeros_like(scale).index_add_(0, indices.flatten(), (grad_latents * values).flatten())
         if ctx.needs_input_grad[0]:
             # padding slots hold value 0 and must not pass a gradient (ReLU's derivative there is 0)
             weights = grad_latents * scale[indices] * (values != 0)
-            grad_hidden = torch.nn.functional.embedding_bag(indices, encoder_rows, per_sample_weights=weights,
-                                                            mode="sum")
+            grad_hidden = weighted_row_sum(indices, weights, encoder_rows)
         return grad_hidden, grad_scale, None, None, None, None
