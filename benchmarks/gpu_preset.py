@@ -218,6 +218,9 @@ def encoder_timings(sae_paths: dict[str, str], hidden: torch.Tensor, device: str
             with tf32_matmuls(precision == "tf32"):
                 out[f"encode {width} {precision}"] = median_seconds(lambda sae=sae: sae.encode(hidden), device)
             out[f"encode+select {width} {precision}"] = median_seconds(lambda sel=selector: sel(hidden), device)
+            values, _ = selector(hidden)
+            out[f"mean L0 {width} {precision}"] = float((values != 0).sum(-1).float().mean())
+            out[f"width {width} {precision}"] = float(values.shape[-1])
             clear_sae_cache()
     return out
 
@@ -413,7 +416,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"| {r['method']} | {r['step_s']:.3f} | {r['vs_lora']:.2f} | "
               f"{'' if extra is None else f'{extra:.2f}'} | {r['peak_gib']:.1f} | "
               f"{'' if memory is None else f'{memory:.3f}'} |")
-    print("\nencoder pass of the batch (ms):", {k: round(v * 1e3, 2) for k, v in result["encoder_s"].items()})
+    print("\nencoder pass of the batch (ms; L0 and width in latents):",
+          {k: round(v * (1e3 if k.startswith("encode") else 1), 2) for k, v in result["encoder_s"].items()})
     print("synchronisations in one scale step:", result["synchronisations"])
     print("compact splice vs dense autograd, relative error:",
           {k: f"{v:.1e}" for k, v in result["compact_vs_dense_relative_error"].items()})

@@ -32,6 +32,8 @@ from typing import ClassVar
 import torch
 from sae_lens import SAE, JumpReLUSAE, StandardSAE, TopKSAE
 
+from . import kernels
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,19 +108,23 @@ class TopKSelector(LatentSelector):
     def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sae = self.sae
         with tf32_matmuls(self.tf32):
-            pre = sae.hook_sae_acts_pre(sae.process_sae_in(hidden) @ sae.W_enc + sae.b_enc)
+            pre = sae.hook_sae_acts_pre(torch.addmm(sae.b_enc, sae.process_sae_in(hidden), sae.W_enc))
         values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
         return values.relu_(), indices
 
 
 class ThresholdSelector(LatentSelector):
-    """ReLU and JumpReLU SAEs: the encoder's dense output, then its ``width`` largest entries.
+    """ReLU and JumpReLU SAEs: a latent is active where its pre-activation exceeds its threshold (0 for ReLU).
+
+    On a CUDA GPU with Triton, one kernel reads the pre-activations and writes the active ones compactly
+    (:func:`peft_isaerft.kernels.threshold_compact`): the dense latents are never built. Elsewhere the encoder's dense
+    output is built and its ``width`` largest entries kept.
 
     ``width`` is a static bound on the number of active latents per token, so finding them never waits on the
-    GPU. It is measured on the first block (the largest L0 seen, with headroom). A token whose ``width`` slots are
-    all active may have more: on a CPU the block is redone at once with the exact width; on a GPU the check is read
-    one call later, without waiting, and the width is doubled with a warning naming the count, since finding the
-    exact width would synchronise every step.
+    GPU. It is measured on the first block (the largest L0 seen, with headroom). A token may have more active latents
+    than ``width``: on a CPU the block is redone at once with the exact width; on a GPU the count is read one call
+    later, without waiting, and the width is doubled with a warning naming the count, since finding the exact width
+    would synchronise every step.
     """
 
     encoder_classes = (StandardSAE, JumpReLUSAE)
@@ -136,7 +142,17 @@ class ThresholdSelector(LatentSelector):
         granules = -(-int(active * self.headroom) // self.granule)
         return max(1, min(self.sae.cfg.d_sae, max(granules, 1) * self.granule))
 
+    def threshold(self) -> torch.Tensor:
+        """Per latent, the value its pre-activation must exceed (JumpReLU's threshold and ReLU's 0, whichever is
+        larger)."""
+        threshold = getattr(self.sae, "threshold", None)
+        if threshold is None:
+            return torch.zeros_like(self.sae.b_enc)
+        return threshold.detach().clamp_min(0)
+
     def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if kernels.usable(hidden):
+            return self._select_compact(hidden)
         with tf32_matmuls(self.tf32):
             latents = self.sae.encode(hidden)
         self._read_pending()
@@ -154,14 +170,27 @@ class ThresholdSelector(LatentSelector):
             self._watch(saturated)
         return values, indices
 
+    def _select_compact(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sae = self.sae
+        with tf32_matmuls(self.tf32):
+            pre = sae.hook_sae_acts_pre(torch.addmm(sae.b_enc, sae.process_sae_in(hidden), sae.W_enc))
+        threshold = self.threshold()
+        self._read_pending()
+        if self.width is None:  # one synchronisation, on the first block only
+            self.width = self._bounded(int((pre > threshold).sum(-1).max()))
+        values, indices, counts = kernels.threshold_compact(pre, threshold, self.width)
+        self._watch((counts > self.width).sum())
+        return values, indices
+
     def _watch(self, saturated: torch.Tensor) -> None:
         if self._host is None:
             self._host = torch.zeros(256, dtype=saturated.dtype, pin_memory=torch.cuda.is_available())
         host = self._host[self._slot % self._host.numel()]
         self._slot += 1
         host.copy_(saturated, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        event = torch.cuda.Event() if saturated.is_cuda else None
+        if event is not None:
+            event.record()
         self._pending.append((host, event, self.width or 0))
 
     def _read_pending(self) -> None:

@@ -85,13 +85,31 @@ def _kernels():  # compiled lazily: importing this module must not need Triton
             acc += tl.sum(tile * grad[None, :], axis=1)
         tl.store(out_ptr + token * width + slots, acc.to(out_ptr.dtype.element_ty), mask=slot_mask)
 
-    return weighted_row_sum_kernel, active_dots_kernel
+    @triton.jit
+    def threshold_compact_kernel(pre_ptr, threshold_ptr, val_ptr, idx_ptr, count_ptr, d_sae: tl.constexpr,
+                                 width: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0)
+        found = tl.zeros([], dtype=tl.int32)
+        for start in range(0, d_sae, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            column_mask = columns < d_sae
+            pre = tl.load(pre_ptr + token * d_sae + columns, mask=column_mask, other=0.0)
+            threshold = tl.load(threshold_ptr + columns, mask=column_mask, other=0.0)
+            live = column_mask & (pre > threshold)
+            slots = found + tl.cumsum(live.to(tl.int32), axis=0) - 1
+            keep = live & (slots < width)
+            tl.store(val_ptr + token * width + slots, pre, mask=keep)
+            tl.store(idx_ptr + token * width + slots, columns.to(tl.int64), mask=keep)
+            found += tl.sum(live.to(tl.int32), axis=0)
+        tl.store(count_ptr + token, found)
+
+    return weighted_row_sum_kernel, active_dots_kernel, threshold_compact_kernel
 
 
 def weighted_row_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * rows[indices[t, j]]`` (``tokens x d``, in ``rows``' dtype); slots of weight 0
     are skipped."""
-    kernel, _ = _kernels()
+    kernel, _, _ = _kernels()
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     tokens, width = indices.shape
     d = rows.shape[-1]
@@ -107,7 +125,7 @@ def weighted_row_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.T
 def active_dots(grad: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out[t, j] = grad[t] . rows[indices[t, j]]`` (``tokens x width``, in ``grad``'s dtype), 0 where
     ``values[t, j] == 0`` (padding slots are never read)."""
-    _, kernel = _kernels()
+    _, kernel, _ = _kernels()
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     tokens, width = indices.shape
     d = rows.shape[-1]
@@ -118,3 +136,19 @@ def active_dots(grad: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     kernel[(tokens, -(-width // block_j))](grad.contiguous(), indices.contiguous(), values.contiguous(), rows, out,
                                            rows.stride(0), width=width, d=d, BLOCK_J=block_j, BLOCK_D=256)
     return out
+
+
+def threshold_compact(pre: torch.Tensor, threshold: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
+    """The entries of ``pre`` (``tokens x d_sae``) above ``threshold`` (``d_sae``, >= 0), written compactly: returns
+    ``values`` and ``indices`` (``tokens x width``, in column order, zero-padded) and each token's count of live
+    entries, which exceeds ``width`` where some were left out. One read of ``pre``; no dense output."""
+    _, _, kernel = _kernels()
+    tokens, d_sae = pre.shape
+    values = torch.zeros(tokens, width, dtype=pre.dtype, device=pre.device)
+    indices = torch.zeros(tokens, width, dtype=torch.int64, device=pre.device)
+    counts = torch.empty(tokens, dtype=torch.int32, device=pre.device)
+    if tokens:
+        kernel[(tokens,)](pre.contiguous(), threshold.contiguous(), values, indices, counts, d_sae=d_sae,
+                          width=width, BLOCK=1024)
+    return values, indices, counts

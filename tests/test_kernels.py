@@ -55,7 +55,7 @@ def test_splice_through_the_kernels_equals_dense_autograd(sae_factory, input_ids
     import peft_isaerft.components as components
 
     calls = []
-    for name in ("weighted_row_sum", "active_dots"):
+    for name in ("weighted_row_sum", "active_dots", "threshold_compact"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     folder = sae_factory(architecture="jumprelu", hook="blocks.1.hook_resid_post")
@@ -71,5 +71,43 @@ def test_splice_through_the_kernels_equals_dense_autograd(sae_factory, input_ids
         outputs.append((logits.detach(), embeds.grad, layer.isaerft_scale["default"].grad))
     assert components.kernels.usable(torch.zeros(1))
     assert calls.count("weighted_row_sum") == 2 and calls.count("active_dots") == 1
+    assert calls.count("threshold_compact") == 1  # the JumpReLU active set without dense latents
     for dense, compact in zip(*outputs, strict=True):
         torch.testing.assert_close(compact, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_threshold_compact_keeps_exactly_the_live_entries_in_column_order() -> None:
+    generator = torch.Generator().manual_seed(3)
+    pre = torch.randn(9, 2500, generator=generator)
+    threshold = torch.rand(2500, generator=generator) + 1.5
+    live = pre > threshold
+    width = int(live.sum(-1).max()) + 2
+    values, indices, counts = kernels.threshold_compact(pre, threshold, width)
+    torch.testing.assert_close(counts.long(), live.sum(-1))
+    for token in range(9):
+        columns = live[token].nonzero().flatten()
+        assert indices[token, : len(columns)].tolist() == columns.tolist()
+        torch.testing.assert_close(values[token, : len(columns)], pre[token, columns])
+        assert (values[token, len(columns):] == 0).all()
+    narrow, _, counts = kernels.threshold_compact(pre, threshold, 2)  # overflow: counted, never written past width
+    assert narrow.shape == (9, 2) and (counts.long() == live.sum(-1)).all()
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu"])
+def test_compact_threshold_selection_equals_encode(architecture, sae_factory, caplog) -> None:
+    from sae_lens import SAE
+
+    from peft_isaerft.active_latents import ThresholdSelector
+
+    sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
+    selector = ThresholdSelector(sae)
+    hidden = torch.randn(30, sae.cfg.d_in)
+    values, indices = selector(hidden)
+    with torch.no_grad():
+        latents = sae.encode(hidden)
+    dense = torch.zeros_like(latents).scatter_add_(1, indices, values)
+    torch.testing.assert_close(dense, latents, atol=1e-6, rtol=1e-5)
+    selector.width = 4  # too narrow: the overflow is counted and reported on the next call, and the bound widens
+    selector(hidden)
+    selector(hidden[:2])
+    assert selector.width == 8 and "active latents" in caplog.text
