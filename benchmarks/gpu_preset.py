@@ -140,7 +140,7 @@ def build_sae(folder: Path, hidden: torch.Tensor, layer: int, d_sae: int, l0: in
     sae.b_enc.zero_()
     pre = (hidden - sae.b_dec) @ sae.W_enc
     # each latent fires on a fraction l0 / d_sae of the calibration tokens
-    rank = max(1, round(hidden.shape[0] * (1 - l0 / d_sae)))
+    rank = min(hidden.shape[0] - 1, max(1, round(hidden.shape[0] * (1 - l0 / d_sae))))
     sae.threshold.copy_(pre.kthvalue(rank, dim=0).values.clamp_min(1e-6))
     path = folder / f"jumprelu_{d_sae}_{layer}"
     sae.save_model(str(path))
