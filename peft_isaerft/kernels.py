@@ -60,10 +60,11 @@ def _kernels():  # compiled lazily: importing this module must not need Triton
             slot_mask = slots < width
             weights = tl.load(w_ptr + token * width + slots, mask=slot_mask, other=0.0).to(tl.float32)
             live = slot_mask & (weights != 0)
-            rows = tl.load(idx_ptr + token * width + slots, mask=live, other=0)
-            tile = tl.load(rows_ptr + rows[:, None] * stride_row + columns[None, :],
-                           mask=live[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(tile * weights[:, None], axis=0)
+            if tl.max(live.to(tl.int32), axis=0) > 0:  # blocks of padding slots cost one small load
+                rows = tl.load(idx_ptr + token * width + slots, mask=live, other=0)
+                tile = tl.load(rows_ptr + rows[:, None] * stride_row + columns[None, :],
+                               mask=live[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(tile * weights[:, None], axis=0)
         tl.store(out_ptr + token * d + columns, acc.to(out_ptr.dtype.element_ty), mask=column_mask)
 
     @triton.jit
@@ -76,13 +77,14 @@ def _kernels():  # compiled lazily: importing this module must not need Triton
         live = slot_mask & (values != 0)
         rows = tl.load(idx_ptr + token * width + slots, mask=live, other=0)
         acc = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for start in range(0, d, BLOCK_D):
-            columns = start + tl.arange(0, BLOCK_D)
-            column_mask = columns < d
-            grad = tl.load(grad_ptr + token * d + columns, mask=column_mask, other=0.0).to(tl.float32)
-            tile = tl.load(rows_ptr + rows[:, None] * stride_row + columns[None, :],
-                           mask=live[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(tile * grad[None, :], axis=1)
+        if tl.max(live.to(tl.int32), axis=0) > 0:  # a block of padding slots reads nothing more
+            for start in range(0, d, BLOCK_D):
+                columns = start + tl.arange(0, BLOCK_D)
+                column_mask = columns < d
+                grad = tl.load(grad_ptr + token * d + columns, mask=column_mask, other=0.0).to(tl.float32)
+                tile = tl.load(rows_ptr + rows[:, None] * stride_row + columns[None, :],
+                               mask=live[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(tile * grad[None, :], axis=1)
         tl.store(out_ptr + token * width + slots, acc.to(out_ptr.dtype.element_ty), mask=slot_mask)
 
     @triton.jit
@@ -141,12 +143,14 @@ def active_dots(grad: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
 def threshold_compact(pre: torch.Tensor, threshold: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                         torch.Tensor]:
     """The entries of ``pre`` (``tokens x d_sae``) above ``threshold`` (``d_sae``, >= 0), written compactly: returns
-    ``values`` and ``indices`` (``tokens x width``, in column order, zero-padded) and each token's count of live
+    ``values`` and ``indices`` (``tokens x width``, in column order, padded with value 0) and each token's count of live
     entries, which exceeds ``width`` where some were left out. One read of ``pre``; no dense output."""
     _, _, kernel = _kernels()
     tokens, d_sae = pre.shape
     values = torch.zeros(tokens, width, dtype=pre.dtype, device=pre.device)
-    indices = torch.zeros(tokens, width, dtype=torch.int64, device=pre.device)
+    # padding slots point at distinct latents (their values are 0): scattering their zero gradients into one latent
+    # would serialise millions of atomic adds on one address
+    indices = torch.arange(width, device=pre.device).remainder_(d_sae).expand(tokens, width).contiguous()
     counts = torch.empty(tokens, dtype=torch.int32, device=pre.device)
     if tokens:
         kernel[(tokens,)](pre.contiguous(), threshold.contiguous(), values, indices, counts, d_sae=d_sae,

@@ -25,6 +25,7 @@ def _slots(tokens: int, width: int, d_sae: int, live_fraction: float = 0.6):
     indices = torch.randint(0, d_sae, (tokens, width), generator=generator)
     values = torch.rand(tokens, width, generator=generator) + 0.1
     values[torch.rand(tokens, width, generator=generator) > live_fraction] = 0.0  # padding slots
+    values[:, 16:32] = 0.0  # a whole block of them
     return indices, values
 
 
