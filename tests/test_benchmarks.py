@@ -1,0 +1,62 @@
+"""The benchmarks' machinery at tiny sizes (the real runs are minutes long and are not tests): the GPU preset of the
+speed benchmark, one-method-per-process timing, and the FSDP check's train/save/reload comparison (here without FSDP,
+which needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_gpu_preset_runs_at_tiny_size_and_reports_every_figure(tmp_path) -> None:
+    output = tmp_path / "preset.json"
+    _run("benchmarks/speed.py", "--preset", "gemma-2-2b", "--quick", "--output", str(output))
+    result = json.loads(output.read_text())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_preset import METHODS
+
+    assert [row["method"] for row in result["rows"]] == [method.name for method in METHODS]
+    assert not result["errors"]
+    for row in result["rows"]:
+        assert row["step_s"] > 0 and row["vs_lora"] > 0
+        if row["method"].startswith("scale"):
+            assert "extra_over_bias_in_encoder_passes" in row
+    assert max(result["compact_vs_dense_relative_error"].values()) < 1e-5
+    assert set(result["precision"]) == {"fp32 again", "sae_tf32", "sae_dtype bf16"}
+    assert result["precision"]["fp32 again"]["top20_overlap"] == 1.0  # on a CPU two float32 runs are identical
+    assert (tmp_path / "preset_profile.txt").read_text().strip()
+
+
+def test_speed_single_prints_one_methods_step(tmp_path) -> None:
+    result = _run("benchmarks/speed.py", "--single", "scale", "--quick")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["method"] == "scale" and row["step_s"] > 0
+
+
+def test_fsdp_check_compares_a_saved_adapter_with_the_trained_model(tmp_path) -> None:
+    _run("benchmarks/fsdp_check.py", "train", str(tmp_path))
+    result = subprocess.run([sys.executable, "benchmarks/fsdp_check.py", "check", str(tmp_path)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0 and verdict["equal"] and not verdict["fsdp"]
+    assert "adapter_model.safetensors" in verdict["adapter_files"]
+    # a different adapter must fail the comparison: the check can say no
+    import torch
+
+    torch.save(torch.zeros(2, 32, 512), tmp_path / "trained_logits.pt")
+    failed = subprocess.run([sys.executable, "benchmarks/fsdp_check.py", "check", str(tmp_path)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and not json.loads(failed.stdout.strip().splitlines()[-1])["equal"]
