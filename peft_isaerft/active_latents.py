@@ -36,10 +36,17 @@ from . import kernels
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["SELECTORS", "LatentSelector", "ThresholdSelector", "TopKSelector", "selector_for", "tf32_matmuls"]
+
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Allow TF32 float32 matmuls on CUDA inside the block only (a host-side flag: no synchronisation)."""
+    """Allow TF32 float32 matmuls on CUDA inside the block only (a host-side flag: no synchronisation).
+
+    Example:
+        >>> with tf32_matmuls(True):  # doctest: +SKIP
+        ...     latents = sae.encode(hidden)
+    """
     if not enabled:
         yield
         return
@@ -64,6 +71,10 @@ class LatentSelector:
     Every selector's latents are exact (equal to ``sae.encode``'s non-zeros) and have ``dz_i/dh = W_enc[:, i]``
     on active latents, which is what the compact backward (``components.SparseLatentScale``) relies on. Tokens are
     encoded in blocks (:data:`CHUNK_ELEMENTS`), so the dense pre-activations never exist for the whole batch at once.
+
+    Example:
+        >>> selector = selector_for(sae)  # doctest: +SKIP
+        >>> values, indices = selector(hidden)  # each tokens x width  # doctest: +SKIP
     """
 
     encoder_classes: ClassVar[tuple[type[SAE], ...]] = ()
@@ -101,7 +112,11 @@ class LatentSelector:
 
 
 class TopKSelector(LatentSelector):
-    """TopK SAEs: the indices of the encoder's own top-k, without scattering them into dense latents."""
+    """TopK SAEs: the indices of the encoder's own top-k, without scattering them into dense latents.
+
+    Example:
+        >>> values, indices = TopKSelector(topk_sae)(hidden)  # tokens x k each  # doctest: +SKIP
+    """
 
     encoder_classes = (TopKSAE,)
 
@@ -125,6 +140,11 @@ class ThresholdSelector(LatentSelector):
     than ``width``: on a CPU the block is redone at once with the exact width; on a GPU the count is read one call
     later, without waiting, and the width is doubled with a warning naming the count, since finding the exact width
     would synchronise every step.
+
+    Example:
+        >>> selector = ThresholdSelector(jumprelu_sae)  # doctest: +SKIP
+        >>> values, indices = selector(hidden)  # doctest: +SKIP
+        >>> selector.width  # the static bound, measured on the first call  # doctest: +SKIP
     """
 
     encoder_classes = (StandardSAE, JumpReLUSAE)
@@ -215,6 +235,11 @@ SELECTORS: dict[str, type[LatentSelector]] = {
 
 
 def selector_for(sae: SAE, tf32: bool = False) -> LatentSelector | None:
-    """The active-latent selector for ``sae``, or None where the splice must use dense autograd."""
+    """The active-latent selector for ``sae``, or None where the splice must use dense autograd.
+
+    Example:
+        >>> type(selector_for(topk_sae)).__name__  # doctest: +SKIP
+        'TopKSelector'
+    """
     selector = SELECTORS.get(sae.cfg.architecture())
     return selector(sae, tf32) if selector is not None and selector.accepts(sae) else None

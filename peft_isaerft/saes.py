@@ -33,7 +33,12 @@ _UNSUPPORTED_NORMALISATIONS = {"constant_norm_rescale", "layer_norm", "covarianc
 
 @dataclass(frozen=True)
 class SAEReference:
-    """Where one SAE comes from, and optionally where it attaches."""
+    """Where one SAE comes from, and optionally where it attaches.
+
+    Example:
+        >>> SAEReference.from_dict({"path": "my_sae", "hook": "blocks.3.hook_resid_post"}).hook
+        'blocks.3.hook_resid_post'
+    """
 
     release: str | None = None
     sae_id: str | None = None
@@ -107,6 +112,11 @@ def load_sae(reference: SAEReference, device: torch.device | str = "cpu", dtype:
     Raises:
         FileNotFoundError: a ``path`` reference whose folder does not exist or holds no SAE.
         ValueError: an SAE whose activation normalisation the splice can not reproduce.
+
+    Example:
+        >>> sae = load_sae(SAEReference(path="my_sae"))  # doctest: +SKIP
+        >>> sae.cfg.d_sae  # doctest: +SKIP
+        16384
     """
     device = str(torch.device(device))
     key = (SAEReference(reference.release, reference.sae_id, reference.path), device, dtype or "")

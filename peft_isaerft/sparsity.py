@@ -36,12 +36,21 @@ _hook_lock = threading.Lock()
 _hook_handle: Any = None
 
 
+__all__ = ["l1_coefficient", "register_l1", "soft_threshold_", "sparse_code"]
+
+
 def register_l1(parameter: torch.nn.Parameter, l1_coeff: float, nonnegative: bool = False) -> None:
     """Apply a proximal L1 step to ``parameter`` after every optimizer step that updates it.
 
     With ``nonnegative=True`` the step also projects onto ``w >= 0`` (the proximal step of
     ``l1_coeff * |w|_1`` restricted to non-negative ``w``): a bias audit that asks which features the data
     *adds* uses it, since an SAE latent's activation is never negative.
+
+    Example:
+        >>> weight = torch.nn.Parameter(torch.zeros(8))
+        >>> register_l1(weight, 1e-3)
+        >>> l1_coefficient(weight)
+        0.001
     """
     global _hook_handle
     key = id(parameter)
@@ -56,7 +65,12 @@ def register_l1(parameter: torch.nn.Parameter, l1_coeff: float, nonnegative: boo
 
 
 def l1_coefficient(parameter: torch.nn.Parameter) -> float:
-    """The L1 coefficient registered for ``parameter`` (0 if none)."""
+    """The L1 coefficient registered for ``parameter`` (0 if none).
+
+    Example:
+        >>> l1_coefficient(torch.nn.Parameter(torch.zeros(3)))
+        0.0
+    """
     entry = _registration(parameter)
     return entry[1] if entry is not None else 0.0
 
@@ -69,7 +83,12 @@ def _registration(parameter: torch.nn.Parameter) -> tuple[Any, float, bool] | No
 @torch.no_grad()
 def soft_threshold_(tensor: torch.Tensor, threshold: float | torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
     """In place: shrink every entry towards zero by ``threshold``, clamping at zero (and, with ``nonnegative``,
-    clamping negative entries to zero)."""
+    clamping negative entries to zero).
+
+    Example:
+        >>> soft_threshold_(torch.tensor([-2.0, 0.5, 3.0]), 1.0)
+        tensor([-1.,  0.,  2.])
+    """
     if nonnegative:
         return tensor.copy_((tensor - threshold).clamp_min(0))
     return tensor.copy_(tensor.sign() * (tensor.abs() - threshold).clamp_min(0))

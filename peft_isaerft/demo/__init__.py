@@ -25,11 +25,21 @@ from ..cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DemoSettings", "run_demo"]
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
 class DemoSettings:
+    """What the demo trains and measures: the SAE (layer, tokens, width, k, epochs), the fine-tunes (steps, batch,
+    learning rates, sparsity) and the evaluation (held-out questions, answer length).
+
+    Example:
+        >>> DemoSettings().hook
+        'blocks.15.hook_resid_post'
+    """
+
     hook: str = "blocks.15.hook_resid_post"
     sae_tokens: int = 80_000
     sae_width_multiple: int = 8
@@ -149,7 +159,11 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[str], new_token
 
 def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isaerft-demo", quick: bool = False,
              steps: int | None = None, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run the demo end to end; writes ``output_dir`` and returns the results it printed."""
+    """Run the demo end to end; writes ``output_dir`` and returns the results it printed.
+
+    Example:
+        >>> results = run_demo(output_dir="isaerft-demo", quick=True)  # doctest: +SKIP
+    """
     from peft import LoraConfig, get_peft_model
 
     from .. import ISaeRFTConfig

@@ -19,7 +19,12 @@ from .contents import active_adapter_name
 
 @dataclass
 class LatentStatistics:
-    """Per-latent firing statistics of one splice over a dataset."""
+    """Per-latent firing statistics of one splice over a dataset.
+
+    Example:
+        >>> stats = latent_statistics(peft_model, tokenizer, ["some text", "more text"])  # doctest: +SKIP
+        >>> stats[key].frequency.topk(5)  # doctest: +SKIP
+    """
 
     mean_activation: torch.Tensor
     """Mean of z over all (non-padding) tokens, zeros included: frequency times strength."""
@@ -55,6 +60,10 @@ def latent_statistics(
     """Firing statistics of every splice of the adapter on ``texts``, keyed by module path.
 
     The adapter is disabled while reading, so the statistics describe the base model the adapter edits.
+
+    Example:
+        >>> stats = latent_statistics(peft_model, tokenizer, texts)  # doctest: +SKIP
+        >>> records = feature_report(peft_model, statistics=stats)  # doctest: +SKIP
     """
     adapter_name = adapter_name or active_adapter_name(model)
     # keyed like SpliceContents.module_path, i.e. relative to the transformers model

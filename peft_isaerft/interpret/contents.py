@@ -23,7 +23,12 @@ from ..tuner.layer import ISaeRFTLayer
 
 @dataclass
 class SpliceContents:
-    """The trained parameters of one SAE in one adapter."""
+    """The trained parameters of one SAE in one adapter.
+
+    Example:
+        >>> for splice in load_contents("my_adapter"):  # doctest: +SKIP
+        ...     print(splice.hook, splice.reference.label)
+    """
 
     adapter: str
     hook: str
@@ -119,7 +124,12 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
 
 
 def load_contents(source: Any, adapter_name: str | None = None) -> list[SpliceContents]:
-    """Contents of a PeftModel or of a saved adapter folder."""
+    """Contents of a PeftModel or of a saved adapter folder.
+
+    Example:
+        >>> [splice.hook for splice in load_contents("my_adapter")]  # doctest: +SKIP
+        ['blocks.3.hook_resid_post']
+    """
     if isinstance(source, (str, os.PathLike)):
         return contents_from_folder(source, adapter_name)
     if hasattr(source, "peft_config"):

@@ -16,7 +16,12 @@ from .contents import load_contents
 
 @dataclass
 class AdapterDiff:
-    """The result of :func:`diff_adapters`."""
+    """The result of :func:`diff_adapters`.
+
+    Example:
+        >>> diff = diff_adapters("run_a/adapter", "run_b/adapter", top_k=20)  # doctest: +SKIP
+        >>> diff.overlap, diff.only_a  # doctest: +SKIP
+    """
 
     top_k: int
     overlap: dict[str, float] = field(default_factory=dict)

@@ -35,7 +35,13 @@ def sae_key(reference: SAEReference) -> str:
 
 
 def dashboard_url(reference: SAEReference, latent: int, base_url: str = NEURONPEDIA_URL) -> str | None:
-    """The Neuronpedia dashboard of one latent, for SAEs Neuronpedia hosts."""
+    """The Neuronpedia dashboard of one latent, for SAEs Neuronpedia hosts.
+
+    Example:
+        >>> reference = SAEReference(release="gemma-scope-2b-pt-res-canonical", sae_id="layer_20/width_16k/canonical")
+        >>> dashboard_url(reference, 123)
+        'https://www.neuronpedia.org/gemma-2-2b/20-gemmascope-res-16k/123'
+    """
     neuronpedia_id = reference.neuronpedia_id
     return None if neuronpedia_id is None else f"{base_url.rstrip('/')}/{neuronpedia_id}/{latent}"
 
@@ -56,6 +62,10 @@ def fetch_neuronpedia_labels(
 
     Only called on explicit request (``--labels neuronpedia``). A latent whose request fails is logged and
     left unlabelled; nothing is retried silently.
+
+    Example:
+        >>> labels = fetch_neuronpedia_labels(reference, [12, 345], timeout=10)  # doctest: +SKIP
+        >>> records = feature_report("my_adapter", labels=labels)  # doctest: +SKIP
     """
     neuronpedia_id = reference.neuronpedia_id
     if neuronpedia_id is None:
@@ -97,7 +107,11 @@ def _first_explanation(payload: dict) -> str | None:
 
 def load_neuronpedia_export(path: str | os.PathLike[str]) -> Labels:
     """Read a Neuronpedia explanations export (jsonl or jsonl.gz: ``modelId``, ``layer``, ``index``,
-    ``description`` per line) into labels, offline."""
+    ``description`` per line) into labels, offline.
+
+    Example:
+        >>> labels = load_neuronpedia_export("explanations.jsonl.gz")  # doctest: +SKIP
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     labels: Labels = {}
@@ -118,7 +132,11 @@ def load_neuronpedia_export(path: str | os.PathLike[str]) -> Labels:
 
 
 def load_labels_file(path: str | os.PathLike[str]) -> Labels:
-    """Labels from a file: a Neuronpedia export, or a JSON object ``{"<sae_key>": {"<latent>": "label"}}``."""
+    """Labels from a file: a Neuronpedia export, or a JSON object ``{"<sae_key>": {"<latent>": "label"}}``.
+
+    Example:
+        >>> labels = load_labels_file("explanations.jsonl.gz")  # doctest: +SKIP
+    """
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return load_neuronpedia_export(path)

@@ -23,7 +23,11 @@ _SECTION = "## ISaeRFT adapter"
 
 
 def model_card_section(model: Any, adapter_name: str, top_k: int = 10) -> str:
-    """Markdown describing one ISaeRFT adapter of ``model``."""
+    """Markdown describing one ISaeRFT adapter of ``model``.
+
+    Example:
+        >>> print(model_card_section(peft_model))  # doctest: +SKIP
+    """
     config = model.peft_config[adapter_name]
     lines = [
         _SECTION,
@@ -53,7 +57,11 @@ def model_card_section(model: Any, adapter_name: str, top_k: int = 10) -> str:
 
 
 def install_model_card_hook() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` once per process."""
+    """Wrap ``PeftModel.create_or_update_model_card`` once per process.
+
+    Example:
+        >>> install_model_card_hook()  # done by `import peft_isaerft`; calling it again changes nothing
+    """
     original = PeftModel.create_or_update_model_card
     if getattr(original, "_isaerft", False):
         return

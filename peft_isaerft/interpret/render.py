@@ -26,6 +26,9 @@ def render(
 
     Raises:
         ValueError: an unknown format.
+
+    Example:
+        >>> print(render(feature_report("my_adapter", top_k=5), "md"))  # doctest: +SKIP
     """
     if fmt == "json":
         return json.dumps([r.to_dict() for r in records], indent=2)

@@ -15,7 +15,12 @@ from .labels import Labels, dashboard_url, sae_key
 
 @dataclass
 class FeatureRecord:
-    """One trained number of an adapter, tied to the SAE feature it acts on."""
+    """One trained number of an adapter, tied to the SAE feature it acts on.
+
+    Example:
+        >>> best = feature_report("my_adapter", top_k=1)[0]  # doctest: +SKIP
+        >>> best.hook, best.latent, best.param, best.value, best.effect  # doctest: +SKIP
+    """
 
     adapter: str
     hook: str
@@ -52,8 +57,9 @@ def feature_report(
             loading the base model unless ``texts`` are given).
         top_k: how many records to return (overall, or per attach point with ``per_hook=True``).
         labels: ``{(sae_key, latent): text}`` from :mod:`peft_isaerft.interpret.labels`.
-        texts, tokenizer: data on which to measure how often each latent fires; weights scale effects and
-            gives every record its top-activating context (an offline auto-label).
+        texts: data on which to measure how often each latent fires; weights scale effects and gives every
+            record its top-activating context (an offline auto-label).
+        tokenizer: the base model's tokenizer, for ``texts``.
         statistics: precomputed :func:`latent_statistics` (instead of ``texts``).
 
     Example:

@@ -84,7 +84,12 @@ class LatentTrackingCallback(TrainerCallback):
 
 
 def plot_trajectories(history: dict[str, Any], top_n: int = 12) -> bytes:
-    """A PNG of the tracked latents' values over training steps (the ``top_n`` largest at the end)."""
+    """A PNG of the tracked latents' values over training steps (the ``top_n`` largest at the end).
+
+    Example:
+        >>> history = json.loads(Path("out/isaerft_history.json").read_text())  # doctest: +SKIP
+        >>> plot_trajectories(history, "trajectories.png")  # doctest: +SKIP
+    """
     import matplotlib
 
     matplotlib.use("Agg")

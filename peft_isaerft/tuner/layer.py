@@ -68,6 +68,10 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     Trained parameters live in ``isaerft_scale[adapter]`` and ``isaerft_bias[adapter]`` (one entry per SAE
     latent). The SAE itself is frozen and kept outside the module tree, so it is never trained, saved,
     sharded into optimizer state, or cast by ``model.half()``; ``model.to(device)`` still moves it.
+
+    Example:
+        >>> layer = peft_model.base_model.model.model.layers[3]  # doctest: +SKIP
+        >>> scale, bias = layer.adapter_parameters("default")  # doctest: +SKIP
     """
 
     adapter_layer_names = ("isaerft_scale", "isaerft_bias")
