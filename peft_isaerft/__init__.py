@@ -17,6 +17,7 @@ import logging
 
 from .attach_points import ARCHITECTURES, AttachPoint, resolve_attach_point
 from .components import COMPONENTS
+from .guards import install_save_guard
 from .interpret import (
     LatentTrackingCallback,
     diff_adapters,
@@ -24,10 +25,13 @@ from .interpret import (
     install_model_card_hook,
     render,
 )
+from .portable import install_bundling
 from .saes import SAEReference, load_sae
 from .tuner import ISaeRFTConfig, ISaeRFTLayer, ISaeRFTModel
 
 install_model_card_hook()
+install_save_guard()
+install_bundling()
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .cache import atomic_directory
 from .interpret import feature_report, render
 from .interpret.report import FeatureRecord
 from .saes import decoder_directions
@@ -415,15 +416,15 @@ def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequ
         >>> records[0].latent  # doctest: +SKIP
     """
     settings = settings or AuditSettings()
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    peft_model, calibration = fit_adapter(model, tokenizer, saes, rows, settings, output / "trainer", progress)
-    peft_model.save_pretrained(output / "adapter")
-    (output / "audit.json").write_text(json.dumps({"settings": asdict(settings), "rows": len(rows),
-                                                   "calibration": asdict(calibration)}, indent=1))
-    records = feature_report(peft_model, top_k=settings.top_k)
-    (output / "report.json").write_text(render(records, "json"))
-    (output / "report.html").write_text(render(records, "html", title="ISaeRFT audit: features the data pushes"))
+    # all or nothing: an interrupted audit leaves the previous output folder as it was
+    with atomic_directory(output_dir) as output:
+        peft_model, calibration = fit_adapter(model, tokenizer, saes, rows, settings, output / "trainer", progress)
+        peft_model.save_pretrained(output / "adapter")
+        (output / "audit.json").write_text(json.dumps({"settings": asdict(settings), "rows": len(rows),
+                                                       "calibration": asdict(calibration)}, indent=1))
+        records = feature_report(peft_model, top_k=settings.top_k)
+        (output / "report.json").write_text(render(records, "json"))
+        (output / "report.html").write_text(render(records, "html", title="ISaeRFT audit: features the data pushes"))
     return records
 
 

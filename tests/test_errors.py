@@ -109,8 +109,11 @@ def test_adapter_whose_sae_changed_width(saved_adapter, sae_factory) -> None:
     config = json.loads(config_path.read_text())
     config["saes"][0]["path"] = str(sae_factory(hook="blocks.1.hook_resid_post", d_sae=64))
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"shape \(128,\) in the file but the SAE at that point has \(64,\)"):
+    with pytest.raises(ValueError, match=r"not the SAE this adapter was trained with: d_sae 128 -> 64"):
         PeftModel.from_pretrained(make_model("llama"), saved_adapter)
+    # without the fingerprint check, the weights themselves still do not fit
+    with pytest.raises(ValueError, match=r"shape \(128,\) in the file but the SAE at that point has \(64,\)"):
+        PeftModel.from_pretrained(make_model("llama"), saved_adapter, verify_sae_fingerprints=False)
 
 
 def test_adapter_file_with_missing_weights(saved_adapter) -> None:

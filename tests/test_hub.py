@@ -18,7 +18,7 @@ from peft import get_peft_model
 from peft_isaerft import ISaeRFTConfig
 
 
-def test_push_to_hub_uploads_adapter_and_card_without_sae(sae_factory, monkeypatch, tmp_path) -> None:
+def test_push_to_hub_uploads_adapter_card_and_bundled_sae(sae_factory, monkeypatch, tmp_path) -> None:
     import transformers.utils.hub as hub
 
     uploaded: dict[str, bytes] = {}
@@ -41,7 +41,9 @@ def test_push_to_hub_uploads_adapter_and_card_without_sae(sae_factory, monkeypat
     model = get_peft_model(make_model("llama"), ISaeRFTConfig(
         saes=[{"path": str(sae_factory(hook="blocks.1.hook_resid_post"))}], component="bias", init_weights=False))
     model.push_to_hub("user/isaerft-adapter")
-    assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    # the local SAE travels with the adapter (bundled by default), in its own folder
+    assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md",
+                             "sae_0/cfg.json", "sae_0/sae_weights.safetensors"}
     card = uploaded["README.md"].decode()
     assert "library_name: peft" in card and "## ISaeRFT adapter" in card and "| blocks.1.hook_resid_post |" in card
     assert len(uploaded["adapter_model.safetensors"]) < 4096  # 128 floats and a header, no SAE weights

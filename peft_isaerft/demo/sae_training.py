@@ -19,6 +19,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
 from ..attach_points import resolve_attach_point
+from ..cache import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -145,20 +146,38 @@ def measure_quality(model: Any, sae: SAE, tokens: torch.Tensor, activations: tor
 
 def train_or_load_demo_sae(model: Any, tokenizer: Any, texts: Sequence[str], hook: str, cache_dir: Path,
                            d_sae: int, k: int, n_tokens: int, epochs: int = 4) -> tuple[Path, SAEQuality]:
-    """The demo's SAE: loaded from ``cache_dir`` when present, else trained and saved there."""
-    quality_file = cache_dir / "quality.json"
-    if quality_file.is_file() and (cache_dir / "cfg.json").is_file():
+    """The demo's SAE: loaded from ``cache_dir`` when it is there in full, else trained and saved there (all or
+    nothing: an interrupted training leaves no half-written cache; a corrupt or truncated one is retrained)."""
+    quality = _whole_cached_sae(cache_dir)
+    if quality is not None:
         logger.info("Using the cached SAE in %s", cache_dir)
-        return cache_dir, SAEQuality(**json.loads(quality_file.read_text()))
+        return cache_dir, quality
+    if cache_dir.exists():
+        logger.warning("The cached SAE in %s is incomplete or corrupt; training it again.", cache_dir)
     length = 64
     held_out_rows = max(4, math.ceil(n_tokens / length / 10))
     tokens = _chunks(tokenizer, texts, length, n_tokens + held_out_rows * length)
     train_tokens, held_out = tokens[:-held_out_rows], tokens[-held_out_rows:]
     activations = collect_activations(model, train_tokens, hook)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    train_topk_sae(activations, d_sae=d_sae, k=k, hook=hook, epochs=epochs).save_inference_model(cache_dir)
-    sae = SAE.load_from_disk(str(cache_dir)).eval()
-    held_out_activations = collect_activations(model, held_out, hook)
-    quality = measure_quality(model, sae, held_out, held_out_activations, hook, training_tokens=len(activations))
-    quality_file.write_text(json.dumps(asdict(quality), indent=1))
+    with atomic_directory(cache_dir) as staging:
+        train_topk_sae(activations, d_sae=d_sae, k=k, hook=hook, epochs=epochs).save_inference_model(staging)
+        sae = SAE.load_from_disk(str(staging)).eval()
+        held_out_activations = collect_activations(model, held_out, hook)
+        quality = measure_quality(model, sae, held_out, held_out_activations, hook, training_tokens=len(activations))
+        (staging / "quality.json").write_text(json.dumps(asdict(quality), indent=1))
     return cache_dir, quality
+
+
+def _whole_cached_sae(folder: Path) -> SAEQuality | None:
+    """The cached SAE's quality when its config, weights and quality files are all readable, else None."""
+    from safetensors import safe_open
+
+    try:
+        quality = SAEQuality(**json.loads((folder / "quality.json").read_text()))
+        json.loads((folder / "cfg.json").read_text())
+        with safe_open(str(folder / "sae_weights.safetensors"), framework="pt") as weights:
+            for name in weights.keys():
+                weights.get_tensor(name)
+    except Exception:  # a missing file, bad JSON, or safetensors' own error for a truncated file
+        return None
+    return quality

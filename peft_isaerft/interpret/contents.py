@@ -75,11 +75,14 @@ def contents_from_model(model: Any, adapter_name: str | None = None) -> list[Spl
     return sorted(found, key=lambda c: c.sae_index)
 
 
-def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | None = None) -> list[SpliceContents]:
+def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | None = None,
+                         verify_sae_fingerprints: bool = True) -> list[SpliceContents]:
     """Every splice of a saved adapter folder, loading only its SAEs.
 
     Raises:
         FileNotFoundError: the folder holds no ISaeRFT adapter.
+        ValueError: an SAE differs from the one the adapter was trained with (see
+            ``ISaeRFTConfig.verify_sae_fingerprints``).
     """
     folder = Path(folder)
     config_file = folder / "adapter_config.json"
@@ -92,7 +95,7 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
     raw = json.loads(config_file.read_text())
     if raw.get("peft_type") != "ISAERFT":
         raise ValueError(f"{str(folder)!r} holds a {raw.get('peft_type')} adapter, not an ISaeRFT adapter.")
-    config = ISaeRFTConfig.from_pretrained(str(folder))
+    config = ISaeRFTConfig.from_pretrained(str(folder), verify_sae_fingerprints=verify_sae_fingerprints)
     if not config.target_modules or len(config.target_modules) != len(config.saes):
         raise ValueError(f"{config_file} does not record where each SAE was attached (target_modules); re-save it.")
     tensors = load_file(str(weights_file))
@@ -100,6 +103,8 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
     found = []
     for index, (reference, module_path) in enumerate(zip(config.references, config.target_modules, strict=True)):
         sae = load_sae(reference, dtype=config.sae_dtype)
+        where = f"{reference.hook or sae_hook_name(sae)}, {module_path}"
+        config.checked_fingerprint(index, sae, reference.label, where)
         values = {}
         for param in ("scale", "bias"):
             key = f"base_model.model.{module_path}.isaerft_{param}"
@@ -123,15 +128,16 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
     return found
 
 
-def load_contents(source: Any, adapter_name: str | None = None) -> list[SpliceContents]:
-    """Contents of a PeftModel or of a saved adapter folder.
+def load_contents(source: Any, adapter_name: str | None = None,
+                  verify_sae_fingerprints: bool = True) -> list[SpliceContents]:
+    """Contents of a PeftModel or of a saved adapter folder (whose SAEs are checked against its fingerprints).
 
     Example:
         >>> [splice.hook for splice in load_contents("my_adapter")]  # doctest: +SKIP
         ['blocks.3.hook_resid_post']
     """
     if isinstance(source, (str, os.PathLike)):
-        return contents_from_folder(source, adapter_name)
+        return contents_from_folder(source, adapter_name, verify_sae_fingerprints)
     if hasattr(source, "peft_config"):
         return contents_from_model(source, adapter_name)
     raise TypeError(f"Expected a PeftModel or an adapter folder, got {type(source).__name__}.")

@@ -36,7 +36,7 @@ class AdapterDiff:
         return self.__dict__.copy()
 
 
-def diff_adapters(a: Any, b: Any, top_k: int = 20) -> AdapterDiff:
+def diff_adapters(a: Any, b: Any, top_k: int = 20, verify_sae_fingerprints: bool = True) -> AdapterDiff:
     """Compare two ISaeRFT adapters (PeftModels or saved folders) trained over the same SAEs.
 
     Raises:
@@ -47,8 +47,8 @@ def diff_adapters(a: Any, b: Any, top_k: int = 20) -> AdapterDiff:
         >>> result.overlap  # doctest: +SKIP
         {'blocks.12.hook_resid_post|bias': 0.8}
     """
-    left = {(c.hook, c.reference.label): c for c in load_contents(a)}
-    right = {(c.hook, c.reference.label): c for c in load_contents(b)}
+    left = {(c.hook, c.reference.label): c for c in load_contents(a, None, verify_sae_fingerprints)}
+    right = {(c.hook, c.reference.label): c for c in load_contents(b, None, verify_sae_fingerprints)}
     if left.keys() != right.keys():
         raise ValueError(
             f"The adapters splice different SAEs: {sorted(left)} vs {sorted(right)}. A diff needs the same SAEs at "

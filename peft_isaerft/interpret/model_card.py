@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
@@ -101,6 +102,16 @@ def install_model_card_hook() -> None:
     def _upload_modified_files(self: PeftModel, working_dir: str, *args: Any, **kwargs: Any) -> Any:
         if any(cfg.peft_type == "ISAERFT" for cfg in self.peft_config.values()):
             self.create_or_update_model_card(working_dir)
+            from ..portable import unportable_references
+
+            folders = [Path(working_dir), *(p for p in Path(working_dir).iterdir() if p.is_dir())]
+            local = [ref for folder in folders for ref in unportable_references(folder)]
+            if local:
+                logger.warning(
+                    "Uploading an ISaeRFT adapter that references SAE folder(s) on this machine only: %s. Nobody else "
+                    "can load it. Save with bundle_saes=None (the default) to carry the SAE files, or use a sae-lens "
+                    "release.", ", ".join(local),
+                )
         return original_upload(self, working_dir, *args, **kwargs)
 
     PeftModel._upload_modified_files = _upload_modified_files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from .activations import LatentStatistics, latent_statistics
 from .contents import SpliceContents, load_contents
 from .labels import Labels, dashboard_url, sae_key
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,7 @@ def feature_report(
     statistics: dict[str, LatentStatistics] | None = None,
     adapter_name: str | None = None,
     per_hook: bool = False,
+    verify_sae_fingerprints: bool = True,
 ) -> list[FeatureRecord]:
     """The latents an ISaeRFT adapter changes most, sorted by ``effect`` (descending).
 
@@ -61,6 +65,9 @@ def feature_report(
             record its top-activating context (an offline auto-label).
         tokenizer: the base model's tokenizer, for ``texts``.
         statistics: precomputed :func:`latent_statistics` (instead of ``texts``).
+        adapter_name: which adapter of a PeftModel (default: the active one).
+        per_hook: ``top_k`` per attach point instead of overall.
+        verify_sae_fingerprints: refuse a saved adapter whose SAE changed since it was trained (False: warn).
 
     Example:
         >>> for record in feature_report("my_adapter", top_k=5):  # doctest: +SKIP
@@ -74,7 +81,13 @@ def feature_report(
             raise ValueError("feature_report(texts=...) needs the tokenizer of the base model.")
         statistics = latent_statistics(model, tokenizer, texts, adapter_name=adapter_name)
         model_or_adapter_dir = model
-    contents = load_contents(model_or_adapter_dir, adapter_name)
+    contents = load_contents(model_or_adapter_dir, adapter_name, verify_sae_fingerprints)
+    for splice in contents:
+        for param, values in splice.parameters().items():
+            bad = int((~torch.isfinite(values)).sum())
+            if bad:
+                logger.warning("Adapter %s at %s: %d non-finite %s value(s); they are listed first.", splice.adapter,
+                               splice.hook, bad, param)
     records: list[FeatureRecord] = []
     for splice in contents:
         records.extend(_records_for(splice, labels or {}, (statistics or {}).get(splice.module_path)))
@@ -95,6 +108,8 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
         effect = values.abs() * norms
         if param == "scale" and stats is not None:
             effect = effect * stats.mean_activation.clamp_min(0)
+        # a NaN or infinite parameter ranks first, so no report hides it
+        effect = torch.where(torch.isfinite(values), effect, torch.full_like(effect, float("inf")))
         for latent in torch.nonzero(values).flatten().tolist():
             context = stats.context(latent) if stats is not None else None
             records.append(
@@ -106,7 +121,9 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
                     param=param,
                     value=float(values[latent]),
                     effect=float(effect[latent]),
-                    label=labels.get((key, latent)) or (f"fires on: {context}" if context else None),
+                    label=(("NON-FINITE VALUE " if not bool(torch.isfinite(values[latent])) else "")
+                           + (labels.get((key, latent)) or (f"fires on: {context}" if context else ""))).strip()
+                    or None,
                     url=dashboard_url(splice.reference, latent),
                     context=context,
                 )

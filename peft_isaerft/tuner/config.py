@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +14,9 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 from safetensors import safe_open
 
 from ..components import get_component
-from ..saes import SAEReference
+from ..saes import SAEReference, fingerprint_differences, fingerprint_of
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
@@ -95,6 +99,35 @@ class ISaeRFTConfig(PeftConfig):
         default=None,
         metadata={"help": "Per SAE (keyed like `latent_allowlist`), latents that must never change."},
     )
+    sae_fingerprints: list[dict[str, Any]] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in when the adapter is attached: per SAE of `saes`, its architecture, widths, sae-lens version "
+                "and a digest of the weights that define its latents. Loading checks it, since another SAE of the same "
+                "width would silently give every latent index another meaning."
+            )
+        },
+    )
+    bundle_saes: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Carry local SAE folders inside the saved adapter (under sae_<index>/), so that it loads on other "
+                "machines and from the Hub. None (default): bundle SAEs given by a local path; False: keep the path "
+                "as it is. SAEs named by a sae-lens release are never copied."
+            )
+        },
+    )
+    verify_sae_fingerprints: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Refuse to attach an SAE whose weights differ from those the adapter was trained with. Set False only "
+                "if you know the change is harmless; a warning still names what differs."
+            )
+        },
+    )
     target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -109,10 +142,46 @@ class ISaeRFTConfig(PeftConfig):
         metadata={"help": "Extra base-model modules to train and save in full, as in other PEFT methods."},
     )
 
+    def checked_fingerprint(self, index: int, sae: Any, label: str, where: str) -> dict[str, Any]:
+        """The fingerprint to record for SAE ``index``, after checking ``sae`` against the recorded one.
+
+        Raises:
+            ValueError: ``sae`` is not the SAE the adapter was trained with (unless ``verify_sae_fingerprints`` is
+                False, which warns instead).
+        """
+        current = fingerprint_of(sae)
+        recorded = self.sae_fingerprints[index] if self.sae_fingerprints else None
+        if recorded is None:
+            if getattr(self, "_from_saved_file", False):
+                logger.warning(
+                    "Adapter saved without an SAE fingerprint for %s (an older peft-isaerft): cannot check that it is "
+                    "the SAE the adapter was trained with. Save the adapter again to record one.", label,
+                )
+            return current
+        differences = fingerprint_differences(recorded, current)
+        if differences:
+            message = (
+                f"SAE {label} (at {where}) is not the SAE this adapter was trained with: {'; '.join(differences)}. "
+                "Every latent index would name a different feature. Point the adapter at the original SAE; if you "
+                "know the change is harmless, load with verify_sae_fingerprints=False (PeftModel.from_pretrained(..., "
+                "verify_sae_fingerprints=False), feature_report(..., verify_sae_fingerprints=False) or "
+                "`isaerft report --allow-sae-change`)."
+            )
+            if self.verify_sae_fingerprints:
+                raise ValueError(message)
+            logger.warning(message)
+        return recorded
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.ISAERFT
+        if not isinstance(self.component, str):
+            raise ValueError(f"component must be a name such as 'scale', got {self.component!r}.")
         get_component(self.component)
+        if not isinstance(self.saes, (list, tuple)):
+            raise ValueError(
+                f"saes must be a list of SAE entries such as [{{'path': 'my_sae'}}], got {type(self.saes).__name__}."
+            )
         if not self.saes:
             raise ValueError(
                 "ISaeRFTConfig needs at least one SAE in `saes`, e.g. "
@@ -122,10 +191,28 @@ class ISaeRFTConfig(PeftConfig):
         self.saes = [SAEReference.from_dict(entry).to_dict() for entry in self.saes]
         if self.sae_dtype is not None and self.sae_dtype not in _DTYPES:
             raise ValueError(f"sae_dtype must be one of {sorted(_DTYPES)} or None, got {self.sae_dtype!r}.")
-        if not isinstance(self.sae_tf32, bool):
-            raise ValueError(f"sae_tf32 must be True or False, got {self.sae_tf32!r}.")
-        if self.l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}.")
+        if self.sae_fingerprints is not None and (
+            not isinstance(self.sae_fingerprints, list) or len(self.sae_fingerprints) != len(self.saes)
+            or not all(entry is None or isinstance(entry, dict) for entry in self.sae_fingerprints)
+        ):
+            raise ValueError(
+                f"sae_fingerprints must list one fingerprint (a dict) per SAE of `saes` ({len(self.saes)}); it is "
+                "written by save_pretrained, so remove it to record new ones."
+            )
+        if not (self.bundle_saes is None or isinstance(self.bundle_saes, bool)):
+            raise ValueError(f"bundle_saes must be None, True or False, got {self.bundle_saes!r}.")
+        for name in ("init_weights", "sae_tf32", "verify_sae_fingerprints"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if isinstance(self.l1_coeff, bool) or not isinstance(self.l1_coeff, (int, float)):
+            raise ValueError(f"l1_coeff must be a number, got {self.l1_coeff!r}.")
+        if not math.isfinite(self.l1_coeff) or self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be a finite number >= 0, got {self.l1_coeff}.")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple, set))
+                                      or not all(isinstance(item, str) for item in value)):
+                raise ValueError(f"{name} must be a list of module names or None, got {value!r}.")
         for name in ("latent_allowlist", "latent_denylist"):
             self._check_latent_lists(name, getattr(self, name))
 
@@ -140,14 +227,26 @@ class ISaeRFTConfig(PeftConfig):
                 raise ValueError(
                     f"{name} key {key!r} names no SAE; use the SAE's index in `saes` ({sorted(valid_keys)})."
                 )
-            if not all(isinstance(i, int) and i >= 0 for i in latents):
+            if not isinstance(latents, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in latents
+            ):
                 raise ValueError(f"{name}[{key!r}] must be a list of non-negative latent ids, got {latents!r}.")
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
     ) -> ISaeRFTConfig:
+        verify = kwargs.pop("verify_sae_fingerprints", None)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._from_saved_file = True  # not a field: never written back
+        if verify is not None:
+            config.verify_sae_fingerprints = bool(verify)
+        for entry in config.saes:
+            if entry.get("bundled") and not os.path.isabs(entry.get("path", "")):
+                from ..portable import resolve_bundled
+
+                entry["path"] = resolve_bundled(entry, str(pretrained_model_name_or_path),
+                                                {"subfolder": subfolder, **kwargs})
         weights = os.path.join(str(pretrained_model_name_or_path), subfolder or "", SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(weights):
             # PEFT reads the weights later and reports a corrupt file without naming it

@@ -15,6 +15,7 @@ from sae_lens import SAE
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import guards
 from ..active_latents import selector_for, tf32_matmuls
 from ..attach_points import AttachPoint
 from ..components import Component, residual_delta
@@ -93,6 +94,8 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         self.isaerft_latent_mask = BufferDict({}, persistent=False)
         self.isaerft_splices: dict[str, Splice] = {}
         self._merged_constants: dict[str, tuple[nn.Module, bool, torch.Tensor]] = {}
+        self._l1_coeffs: dict[str, float] = {}
+        self.register_load_state_dict_post_hook(self._after_load)
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, splice, config, latent_mask)
@@ -134,10 +137,25 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
             if latent_mask is not None:
                 values = values * latent_mask.to(device)
             container[adapter_name] = nn.Parameter(values)
-            register_l1(container[adapter_name], config.l1_coeff)
+        self._l1_coeffs[adapter_name] = config.l1_coeff
+        self._register_hooks(adapter_name)
         if latent_mask is not None:
             self.isaerft_latent_mask[adapter_name] = latent_mask.to(device=device, dtype=torch.float32)
         self.set_adapter(self.active_adapters)
+
+    def _register_hooks(self, adapter_name: str) -> None:
+        """Attach the proximal L1 step and the non-finite guard to the current parameter objects of an adapter."""
+        splice = self.isaerft_splices[adapter_name]
+        for name, container in (("scale", self.isaerft_scale), ("bias", self.isaerft_bias)):
+            if adapter_name in container:
+                register_l1(container[adapter_name], self._l1_coeffs.get(adapter_name, 0.0))
+                guards.watch(container[adapter_name], f"adapter {adapter_name!r} at {splice.point.hook} "
+                             f"({splice.point.module_path}), isaerft_{name}")
+
+    def _after_load(self, _module: nn.Module, _keys: Any) -> None:
+        # loading with assign=True (low_cpu_mem_usage) replaces the parameter objects the hooks were attached to
+        for adapter_name in self.isaerft_splices:
+            self._register_hooks(adapter_name)
 
     # ---------------------------------------------------------------------------------------------- math
 

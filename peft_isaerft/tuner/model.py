@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import init_empty_weights
 from peft.utils.other import set_additional_trainable_modules
 from torch import nn
 from tqdm import tqdm
@@ -49,6 +51,7 @@ class ISaeRFTModel(BaseTuner):
         """Load every SAE of ``config`` and decide where it goes; raises before the model is touched."""
         component = get_component(config.component)
         splices: list[tuple[Splice, torch.Tensor | None]] = []
+        fingerprints: list[dict[str, Any]] = []
         seen: dict[tuple[str, str], str] = {}
         for index, reference in enumerate(config.references):
             sae = load_sae(reference, dtype=config.sae_dtype)
@@ -74,11 +77,13 @@ class ISaeRFTModel(BaseTuner):
                     f"({point.module_path}, {point.position}) of this model is {expected}-dimensional. Use an SAE "
                     "trained on this model at this hook, or attach it where the width matches."
                 )
+            fingerprints.append(config.checked_fingerprint(index, sae, reference.label, f"{hook}, {point.module_path}"))
             device = _device_of(module)
             if device is not None and sae.W_dec.device != device:
                 sae.to(device)
             mask = config.latent_mask(index, hook, sae.cfg.d_sae, reference.label)
             splices.append((Splice(point, reference, index, component, sae, tf32=config.sae_tf32), mask))
+        config.sae_fingerprints = fingerprints
         return splices
 
     def inject_adapter(
@@ -101,12 +106,15 @@ class ISaeRFTModel(BaseTuner):
 
         splices = self._build_splices(model, peft_config)
         ordered = sorted(splices, key=lambda item: item[0].point.module_path.count("."), reverse=True)
+        # as PEFT's own methods: with low_cpu_mem_usage the new parameters stay on the meta device until loaded
+        empty = init_empty_weights if low_cpu_mem_usage else contextlib.nullcontext
         for splice, mask in ordered:
             parent, target, target_name = _locate(model, splice.point.module_path)
             self._pending = (splice, mask)
-            self._create_and_replace(
-                peft_config, adapter_name, target, target_name, parent, current_key=splice.point.module_path
-            )
+            with empty():
+                self._create_and_replace(
+                    peft_config, adapter_name, target, target_name, parent, current_key=splice.point.module_path
+                )
         self._pending = None
         # one module per SAE, in the order of `saes`: readers of a saved adapter map weights to SAEs with it
         peft_config.target_modules = [splice.point.module_path for splice, _ in splices]
@@ -231,10 +239,11 @@ class ISaeRFTModel(BaseTuner):
         if config is None or not flags:
             logger.warning(
                 "Merging added a bias to %d linear layer(s) that had none. The merged model computes exactly what "
-                "the adapter did, but its architecture has no config switch for these biases, so save_pretrained() "
-                "followed by from_pretrained() would drop them. Keep the adapter (PeftModel) to store this model.",
-                len(linears),
+                "the adapter did, but its architecture has no config switch for these biases, so its "
+                "save_pretrained() refuses (from_pretrained would drop them). Keep the adapter (PeftModel) to store "
+                "this model.", len(linears),
             )
+            _refuse_lossy_save(self.model, len(linears))
             return
         leaf = {"mlp_bias": layout.mlp_proj.rpartition(".")[2], "attention_bias": layout.attn_proj.rpartition(".")[2]}
         for flag in flags:
@@ -255,6 +264,24 @@ class ISaeRFTModel(BaseTuner):
                         requires_grad=False,
                     )
             logger.info("Set config.%s=True so the merged biases are saved and loaded with the model.", flag)
+
+
+def _refuse_lossy_save(model: nn.Module, count: int) -> None:
+    """Make ``model.save_pretrained`` refuse: what it writes would reload without the merged biases."""
+    original = model.save_pretrained
+    architecture = type(model).__name__
+
+    def save_pretrained(*args: Any, allow_dropping_merged_biases: bool = False, **kwargs: Any) -> Any:
+        if not allow_dropping_merged_biases:
+            raise ValueError(
+                f"This {architecture} holds biases merged from an ISaeRFT adapter in {count} linear layer(s) that "
+                "its config says have none, so from_pretrained would load it without them and silently lose the "
+                "adapter's change. Save the adapter instead (PeftModel.save_pretrained, before merging), or pass "
+                "allow_dropping_merged_biases=True to save the base weights only."
+            )
+        return original(*args, **kwargs)
+
+    model.save_pretrained = save_pretrained
 
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module, str]:
