@@ -6,11 +6,13 @@ data; if not, to the run.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..saes import fingerprint_of
 from .contents import load_contents
 
 
@@ -36,6 +38,11 @@ class AdapterDiff:
         return self.__dict__.copy()
 
 
+def _identity(splice: Any) -> str:
+    fingerprint = fingerprint_of(splice.sae)
+    return json.dumps([fingerprint["architecture"], fingerprint["d_sae"], fingerprint["digests"]], sort_keys=True)
+
+
 def diff_adapters(a: Any, b: Any, top_k: int = 20, verify_sae_fingerprints: bool = True) -> AdapterDiff:
     """Compare two ISaeRFT adapters (PeftModels or saved folders) trained over the same SAEs.
 
@@ -47,12 +54,15 @@ def diff_adapters(a: Any, b: Any, top_k: int = 20, verify_sae_fingerprints: bool
         >>> result.overlap  # doctest: +SKIP
         {'blocks.12.hook_resid_post|bias': 0.8}
     """
-    left = {(c.hook, c.reference.label): c for c in load_contents(a, None, verify_sae_fingerprints)}
-    right = {(c.hook, c.reference.label): c for c in load_contents(b, None, verify_sae_fingerprints)}
+    # an SAE is the same when its weights are, wherever its files live (a bundled copy, another cache folder)
+    left = {(c.hook, _identity(c)): c for c in load_contents(a, None, verify_sae_fingerprints)}
+    right = {(c.hook, _identity(c)): c for c in load_contents(b, None, verify_sae_fingerprints)}
     if left.keys() != right.keys():
+        labels_a = sorted((c.hook, c.reference.label) for c in left.values())
+        labels_b = sorted((c.hook, c.reference.label) for c in right.values())
         raise ValueError(
-            f"The adapters splice different SAEs: {sorted(left)} vs {sorted(right)}. A diff needs the same SAEs at "
-            "the same hooks."
+            f"The adapters splice different SAEs: {labels_a} vs {labels_b}. A diff needs the same SAEs (the same "
+            "weights) at the same hooks."
         )
     result = AdapterDiff(top_k=top_k)
     differences = []
