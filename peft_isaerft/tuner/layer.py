@@ -266,7 +266,8 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         for adapter_name, (linear, through_weight) in targets.items():
             constant = self.merged_constant(adapter_name, linear, through_weight)
             if safe_merge and not torch.isfinite(constant).all():
-                raise ValueError(f"NaNs or infs in adapter {adapter_name!r}; the merge was not applied.")
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: "
+                                 f"adapter {adapter_name!r} holds NaNs or infs; the merge was not applied.")
             created = linear.bias is None
             if created:
                 out_features = linear.weight.shape[1] if isinstance(linear, Conv1D) else linear.weight.shape[0]
