@@ -141,24 +141,22 @@ def install_save_guard() -> None:
     Example:
         >>> install_save_guard()  # done by `import peft_isaerft`; calling it again changes nothing
     """
-    import functools
     import logging
 
     from peft import PeftModel
 
-    original = PeftModel.save_pretrained
-    if getattr(original, "_isaerft_guard", False):
-        return
+    from .patching import wrap_once
 
-    @functools.wraps(original)
-    def save_pretrained(self: Any, *args: Any, allow_non_finite: bool = False, **kwargs: Any) -> Any:
-        if any(str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT") for cfg in self.peft_config.values()):
-            found = non_finite_parameters(self)
-            if found and allow_non_finite:
-                logging.getLogger(__name__).warning("Saving non-finite ISaeRFT parameters: %s", "; ".join(found))
-            else:
-                check_finite(self)
-        return original(self, *args, **kwargs)
+    def make(original: Any) -> Any:
+        def save_pretrained(self: Any, *args: Any, allow_non_finite: bool = False, **kwargs: Any) -> Any:
+            if any(str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT") for cfg in self.peft_config.values()):
+                found = non_finite_parameters(self)
+                if found and allow_non_finite:
+                    logging.getLogger(__name__).warning("Saving non-finite ISaeRFT parameters: %s", "; ".join(found))
+                else:
+                    check_finite(self)
+            return original(self, *args, **kwargs)
 
-    save_pretrained._isaerft_guard = True  # type: ignore[attr-defined]
-    PeftModel.save_pretrained = save_pretrained
+        return save_pretrained
+
+    wrap_once(PeftModel, "save_pretrained", "_isaerft_guard", make)

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -129,21 +128,20 @@ def install_bundling() -> None:
     """
     from peft import PeftModel
 
-    original = PeftModel.save_pretrained
-    if getattr(original, "_isaerft_bundling", False):
-        return
+    from .patching import wrap_once
 
-    @functools.wraps(original)
-    def save_pretrained(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, save_directory, *args, **kwargs)
-        selected = kwargs.get("selected_adapters") or list(self.peft_config)
-        if kwargs.get("is_main_process", True):
-            for name in selected:
-                if name in self.peft_config and _is_isaerft(self.peft_config[name]):
-                    folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-                    if (folder / "adapter_config.json").is_file():
-                        bundle_saes(folder, self.peft_config[name].bundle_saes)
-        return result
+    def make(original: Any) -> Any:
+        def save_pretrained(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, save_directory, *args, **kwargs)
+            selected = kwargs.get("selected_adapters") or list(self.peft_config)
+            if kwargs.get("is_main_process", True):
+                for name in selected:
+                    if name in self.peft_config and _is_isaerft(self.peft_config[name]):
+                        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+                        if (folder / "adapter_config.json").is_file():
+                            bundle_saes(folder, self.peft_config[name].bundle_saes)
+            return result
 
-    save_pretrained._isaerft_bundling = True  # type: ignore[attr-defined]
-    PeftModel.save_pretrained = save_pretrained
+        return save_pretrained
+
+    wrap_once(PeftModel, "save_pretrained", "_isaerft_bundling", make)

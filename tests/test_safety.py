@@ -207,3 +207,29 @@ def test_every_expected_cli_failure_is_a_short_message_without_traceback(tmp_pat
         assert len([line for line in result.stderr.splitlines() if line.strip()]) <= 2, f"{case}: {result.stderr}"
     verbose = _isaerft("--verbose", "report", str(tmp_path / "empty"))
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_no_network_for_neuronpedia_and_a_missing_package_are_messages(adapter, monkeypatch, capsys) -> None:
+    import urllib.error
+
+    import peft_isaerft.interpret.labels as labels
+    from peft_isaerft.cli import main
+
+    folder, _ = adapter
+
+    def offline(*_args, **_kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(labels, "fetch_neuronpedia_labels", offline)
+    assert main(["report", str(folder), "--labels", "neuronpedia"]) == 1
+    error = capsys.readouterr().err
+    assert "name resolution" in error and "Traceback" not in error
+
+    def missing(*_args, **_kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    import peft_isaerft.interpret as interpret
+
+    monkeypatch.setattr(interpret, "render", missing)
+    assert main(["report", str(folder), "--format", "html"]) == 1
+    assert "pip install matplotlib" in capsys.readouterr().err

@@ -7,7 +7,6 @@ an ISaeRFT section for every ISaeRFT adapter in the model. Other adapters' cards
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -63,55 +62,56 @@ def install_model_card_hook() -> None:
     Example:
         >>> install_model_card_hook()  # done by `import peft_isaerft`; calling it again changes nothing
     """
-    original = PeftModel.create_or_update_model_card
-    if getattr(original, "_isaerft", False):
-        return
+    from ..patching import wrap_once
 
-    @functools.wraps(original)
-    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        original(self, output_dir)
-        adapters = [
-            name for name, cfg in self.peft_config.items() if str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT")
-        ]
-        if not adapters:
-            return
-        path = os.path.join(output_dir, "README.md")
-        try:
-            text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-            # an adapter folder holds one adapter: describe the one saved there
-            name = os.path.basename(os.path.normpath(output_dir))
-            adapter = (
-                name if name in adapters else self.active_adapter if self.active_adapter in adapters else adapters[0]
-            )
-            section = model_card_section(self, adapter)
-            if _SECTION in text:
-                text = text[: text.index(_SECTION)]
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text.rstrip() + "\n\n" + section + "\n")
-        except Exception as error:  # a card must never make saving the weights fail
-            logger.warning("Could not write the ISaeRFT model card section: %s", error)
+    def card(original: Any) -> Any:
+        def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+            original(self, output_dir)
+            adapters = [
+                name for name, cfg in self.peft_config.items()
+                if str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT")
+            ]
+            if not adapters:
+                return
+            path = os.path.join(output_dir, "README.md")
+            try:
+                text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+                # an adapter folder holds one adapter: describe the one saved there
+                name = os.path.basename(os.path.normpath(output_dir))
+                adapter = (
+                    name if name in adapters else self.active_adapter if self.active_adapter in adapters
+                    else adapters[0]
+                )
+                section = model_card_section(self, adapter)
+                if _SECTION in text:
+                    text = text[: text.index(_SECTION)]
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text.rstrip() + "\n\n" + section + "\n")
+            except Exception as error:  # a card must never make saving the weights fail
+                logger.warning("Could not write the ISaeRFT model card section: %s", error)
 
-    create_or_update_model_card._isaerft = True  # type: ignore[attr-defined]
-    PeftModel.create_or_update_model_card = create_or_update_model_card
+        return create_or_update_model_card
 
     # transformers' push_to_hub replaces the README written by save_pretrained with a generic card just before the
-    # upload; write the PEFT and ISaeRFT card into the upload folder again
-    original_upload = PeftModel._upload_modified_files
+    # upload; write the PEFT and ISaeRFT card into the upload folder again, and say when the upload cannot be loaded
+    # elsewhere
+    def upload(original: Any) -> Any:
+        def _upload_modified_files(self: PeftModel, working_dir: str, *args: Any, **kwargs: Any) -> Any:
+            if any(cfg.peft_type == "ISAERFT" for cfg in self.peft_config.values()):
+                self.create_or_update_model_card(working_dir)
+                from ..portable import unportable_references
 
-    @functools.wraps(original_upload)
-    def _upload_modified_files(self: PeftModel, working_dir: str, *args: Any, **kwargs: Any) -> Any:
-        if any(cfg.peft_type == "ISAERFT" for cfg in self.peft_config.values()):
-            self.create_or_update_model_card(working_dir)
-            from ..portable import unportable_references
+                folders = [Path(working_dir), *(p for p in Path(working_dir).iterdir() if p.is_dir())]
+                local = [ref for folder in folders for ref in unportable_references(folder)]
+                if local:
+                    logger.warning(
+                        "Uploading an ISaeRFT adapter that references SAE folder(s) on this machine only: %s. Nobody "
+                        "else can load it. Save with bundle_saes=None (the default) to carry the SAE files, or use a "
+                        "sae-lens release.", ", ".join(local),
+                    )
+            return original(self, working_dir, *args, **kwargs)
 
-            folders = [Path(working_dir), *(p for p in Path(working_dir).iterdir() if p.is_dir())]
-            local = [ref for folder in folders for ref in unportable_references(folder)]
-            if local:
-                logger.warning(
-                    "Uploading an ISaeRFT adapter that references SAE folder(s) on this machine only: %s. Nobody else "
-                    "can load it. Save with bundle_saes=None (the default) to carry the SAE files, or use a sae-lens "
-                    "release.", ", ".join(local),
-                )
-        return original_upload(self, working_dir, *args, **kwargs)
+        return _upload_modified_files
 
-    PeftModel._upload_modified_files = _upload_modified_files
+    wrap_once(PeftModel, "create_or_update_model_card", "_isaerft", card)
+    wrap_once(PeftModel, "_upload_modified_files", "_isaerft", upload)
