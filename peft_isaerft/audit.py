@@ -79,6 +79,9 @@ class AuditSettings:
         for name in ("bias_lr", "scale_lr", "steering_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.component not in ("bias", "scale", "scale_bias"):
+            raise ValueError(f"The audit fits 'bias', 'scale' or 'scale_bias' adapters (its calibration is theirs), "
+                             f"got component {self.component!r}; train other components with the Trainer directly.")
         if self.bias_fit not in ("auto", "decompose", "proximal"):
             raise ValueError(f"bias_fit must be 'auto', 'decompose' or 'proximal', got {self.bias_fit!r}.")
         if self.bias_fit == "decompose" and self.component != "bias":

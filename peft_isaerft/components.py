@@ -1,4 +1,4 @@
-"""The math of every ISaeRFT component, in one place.
+"""Every ISaeRFT component: one small class each, registered in :data:`COMPONENTS`.
 
 At an attach point with activations ``h`` and a frozen SAE (encoder ``E``, decoder directions ``D``), the
 SAE's reconstruction error is kept and only the latents are edited::
@@ -8,53 +8,211 @@ SAE's reconstruction error is kept and only the latents are edited::
 
 so a fresh adapter (``f`` = identity) changes nothing. The components are
 
-==============  ======================  ===============  =========================================
-component       f(z)                    f(z) - z         cost
-==============  ======================  ===============  =========================================
-``scale``       (1 + s) * z             s * z            one encoder pass + one decode of s * z
-``bias``        z + b                   b                none per token: b @ D is one vector
-``scale_bias``  (1 + s) * z + b         s * z + b        as ``scale``
-==============  ======================  ===============  =========================================
+==============  =================================================  ==========================================
+component       f(z)                                               cost
+==============  =================================================  ==========================================
+``scale``       (1 + s) * z                                        one encoder pass + a decode of active latents
+``bias``        z + b                                              none per token: b @ D is one vector
+``scale_bias``  (1 + s) * z + b                                    as ``scale``
+``clamp``       z + [z > 0] * g * sigmoid(k (z - a)) * (c - z)     as ``scale``
+==============  =================================================  ==========================================
 
-``s`` and ``b`` have one entry per SAE latent, so every trained number belongs to a named feature.
+Every parameter has one entry per SAE latent, so every trained number belongs to a named feature. A component class
+owns its parameters (names, identity values, which are sparse), its math, how it reads in a report and whether and
+how it merges; the layer, the report, the card and the CLI ask it and never branch on its name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from . import kernels
 
-__all__ = ["COMPONENTS", "Component", "SparseLatentScale", "get_component", "residual_delta"]
+__all__ = ["COMPONENTS", "Clamp", "Component", "LatentParameter", "SparseLatentScale", "get_component",
+           "residual_delta"]
 
 
 @dataclass(frozen=True)
+class LatentParameter:
+    """One per-latent vector a component trains.
+
+    Example:
+        >>> LatentParameter("scale", identity=0.0).identity
+        0.0
+    """
+
+    name: str
+    identity: float = 0.0
+    """The value at which this parameter leaves the model unchanged (the init with ``init_weights=True``)."""
+    random_std: float = 0.1
+    """Spread of the non-identity init (``init_weights=False``, for tests), around ``random_mean``."""
+    random_mean: float = 0.0
+    sparse: bool = True
+    """Whether ``l1_coeff`` applies to it (the proximal step keeps only the latents the data needs)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one latent's trained numbers read in a report: a value, how far it moves the residual stream, and words."""
+
+    param: str
+    value: torch.Tensor
+    effect: torch.Tensor
+    detail: Callable[[int], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class SpliceInputs:
+    """What a component's math needs at one attach point."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decoder: torch.Tensor
+    hidden: torch.Tensor
+    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    encoder_rows: torch.Tensor | None = None
+
+
 class Component:
-    """One kind of latent edit.
+    """One kind of latent edit. Subclasses set the class attributes and implement :meth:`delta`.
 
     Example:
         >>> COMPONENTS["bias"].mergeable, COMPONENTS["scale"].needs_latents
         (True, True)
     """
 
-    name: str
-    parameters: tuple[str, ...]
-    """Which per-latent vectors it trains: a subset of ("scale", "bias")."""
-    needs_latents: bool
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    parameters: ClassVar[tuple[LatentParameter, ...]]
+    needs_latents: ClassVar[bool] = True
     """Whether it reads the SAE latents z (and so needs an encoder pass per token)."""
-    mergeable: bool
-    """Whether the edit is a constant vector that can be folded into a bias of the base model."""
-    summary: str
+    merge_refusal: ClassVar[str | None] = None
+    """Why it cannot be folded into the base model's weights (None: it can)."""
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge_refusal is None
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parameters)
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        """``(f(z) - z) @ D`` for ``inputs.hidden``, in the hidden states' dtype."""
+        raise NotImplementedError
+
+    def readings(self, params: dict[str, torch.Tensor], decoder_norms: torch.Tensor,
+                 mean_activation: torch.Tensor | None) -> list[Reading]:
+        """Per trained vector: its values and their effect per latent (``|value| * ||d||``, times the latent's mean
+        activation for edits proportional to it when data was given)."""
+        return [Reading(name, values, values.abs() * decoder_norms) for name, values in params.items()]
+
+    def merged_constant(self, params: dict[str, torch.Tensor], decoder: torch.Tensor) -> torch.Tensor:
+        """The constant residual change a merge folds into a bias (mergeable components only)."""
+        raise ValueError(self.merge_refusal or f"component {self.name!r} cannot be merged")
 
 
-COMPONENTS: dict[str, Component] = {
-    "scale": Component("scale", ("scale",), True, False, "z -> (1 + s) * z: amplify or damp features that fire"),
-    "bias": Component("bias", ("bias",), False, True, "z -> z + b: add a fixed amount of each feature"),
-    "scale_bias": Component("scale_bias", ("scale", "bias"), True, False, "z -> (1 + s) * z + b"),
-}
+class Scale(Component):
+    name = "scale"
+    summary = "z -> (1 + s) * z: amplify or damp features that fire"
+    parameters = (LatentParameter("scale"),)
+    merge_refusal = ("its edit (1 + s) * z depends on each token through the SAE encoder's nonlinearity, so it is "
+                     "not a fixed change of any weight")
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        return residual_delta(inputs.encode, inputs.decoder, inputs.hidden, params["scale"], None,
+                              select=inputs.select, encoder_rows=inputs.encoder_rows)
+
+    def readings(self, params: dict[str, torch.Tensor], decoder_norms: torch.Tensor,
+                 mean_activation: torch.Tensor | None) -> list[Reading]:
+        readings = super().readings(params, decoder_norms, mean_activation)
+        if mean_activation is None:
+            return readings
+        return [Reading(r.param, r.value, r.effect * mean_activation.clamp_min(0) if r.param == "scale" else r.effect)
+                for r in readings]
+
+
+class Bias(Component):
+    name = "bias"
+    summary = "z -> z + b: add a fixed amount of each feature"
+    parameters = (LatentParameter("bias"),)
+    needs_latents = False
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        return residual_delta(inputs.encode, inputs.decoder, inputs.hidden, None, params["bias"])
+
+    def merged_constant(self, params: dict[str, torch.Tensor], decoder: torch.Tensor) -> torch.Tensor:
+        return params["bias"].double() @ decoder.double().to(params["bias"].device)
+
+
+class ScaleBias(Scale):
+    name = "scale_bias"
+    summary = "z -> (1 + s) * z + b"
+    parameters = (LatentParameter("scale"), LatentParameter("bias"))
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        return residual_delta(inputs.encode, inputs.decoder, inputs.hidden, params["scale"], params["bias"],
+                              select=inputs.select, encoder_rows=inputs.encoder_rows)
+
+
+class Clamp(Component):
+    """A learned clamp per latent, acting only where the latent fires::
+
+        f(z)_i = z_i + [z_i > 0] * g_i * sigmoid(k * (z_i - a_i)) * (c_i - z_i)
+
+    ``g`` (the gate, sparse under ``l1_coeff``) says how strongly latent ``i`` is pulled, ``a`` above which activation
+    it acts, ``c`` the value it is pulled to (free to go negative: SAE-based unlearning clamps features to negative
+    values when they fire). Exactly the identity at init (``g = 0``).
+
+    Example:
+        >>> ISaeRFTConfig(saes=[{"path": "my_sae"}], component="clamp", l1_coeff=1e-3)  # doctest: +SKIP
+    """
+
+    name = "clamp"
+    summary = "z -> z + [z>0] g sigmoid(k (z - a)) (c - z): pull firing features towards a learned value"
+    parameters = (LatentParameter("clamp_gate"), LatentParameter("clamp_threshold", sparse=False),
+                  LatentParameter("clamp_target", sparse=False, random_std=1.0))
+    sharpness = 4.0
+    """``k``: how sharply the gate switches around the threshold, per unit of activation."""
+    merge_refusal = "a clamp depends on each token's activation, so it is not a fixed change of any weight"
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        compute_dtype = inputs.decoder.dtype
+        hidden = inputs.hidden.to(compute_dtype)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        gate, threshold, target = (params[n].to(compute_dtype) for n in self.parameter_names)
+        if inputs.select is not None and inputs.encoder_rows is not None:
+            values, indices = inputs.select(flat.detach())
+            active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
+            weights = self.edit(active, gate[indices], threshold[indices], target[indices])
+            delta = SparseDecode.apply(weights, indices, values, inputs.decoder)
+        else:
+            latents = inputs.encode(flat)
+            delta = self.edit(latents, gate, threshold, target) @ inputs.decoder
+        return delta.reshape(inputs.hidden.shape).to(inputs.hidden.dtype)
+
+    def edit(self, z: torch.Tensor, gate: torch.Tensor, threshold: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``f(z) - z`` elementwise (zero where ``z`` is not active)."""
+        return (z > 0) * gate * torch.sigmoid(self.sharpness * (z - threshold)) * (target - z)
+
+    def readings(self, params: dict[str, torch.Tensor], decoder_norms: torch.Tensor,
+                 mean_activation: torch.Tensor | None) -> list[Reading]:
+        gate, threshold, target = (params[n] for n in self.parameter_names)
+        # how far a firing latent moves: the pull (c - z) at its typical activation, scaled by the gate
+        typical = mean_activation.clamp_min(0) if mean_activation is not None else threshold.clamp_min(0)
+        effect = gate.abs() * (target - typical).abs() * decoder_norms
+
+        def detail(latent: int) -> str:
+            return f"when above {float(threshold[latent]):.3g}, pulled to {float(target[latent]):+.3g}"
+
+        return [Reading("clamp", gate, effect, detail)]
+
+
+COMPONENTS: dict[str, Component] = {c.name: c() for c in (Scale, Bias, ScaleBias, Clamp)}
+"""Component name -> the component; ``ISaeRFTConfig.component`` names one."""
 
 
 def get_component(name: str) -> Component:
@@ -64,7 +222,7 @@ def get_component(name: str) -> Component:
         ValueError: the name is not a known component (the message lists them).
 
     Example:
-        >>> get_component("scale_bias").parameters
+        >>> get_component("scale_bias").parameter_names
         ('scale', 'bias')
     """
     if name not in COMPONENTS:
@@ -73,6 +231,12 @@ def get_component(name: str) -> Component:
             + "; ".join(f"{c.name}: {c.summary}" for c in COMPONENTS.values())
         )
     return COMPONENTS[name]
+
+
+def parameter_container_names() -> tuple[str, ...]:
+    """The ``isaerft_<parameter>`` containers every layer holds: one per parameter name of any component."""
+    names = dict.fromkeys(p.name for c in COMPONENTS.values() for p in c.parameters)
+    return tuple(f"isaerft_{name}" for name in names)
 
 
 def residual_delta(
@@ -197,3 +361,34 @@ class SparseLatentScale(torch.autograd.Function):
             weights = grad_latents * scale[indices] * (values != 0)
             grad_hidden = weighted_row_sum(indices, weights, encoder_rows)
         return grad_hidden, grad_scale, None, None, None, None
+
+
+class ActiveValues(torch.autograd.Function):
+    """The active latents' values, differentiable with respect to the hidden states through ``dz_i/dh = W_enc[:, i]``
+    (exact for ReLU, TopK and JumpReLU encoders away from their switching points; padding slots pass nothing)."""
+
+    @staticmethod
+    def forward(ctx, hidden, values, indices, encoder_rows):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, encoder_rows)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, indices, encoder_rows = ctx.saved_tensors
+        grad_hidden = weighted_row_sum(indices, grad * (values != 0), encoder_rows) if ctx.needs_input_grad[0] else None
+        return grad_hidden, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """``delta[t] = sum_j weights[t, j] * D[indices[t, j]]``; its backward reads the decoder rows of live slots only."""
+
+    @staticmethod
+    def forward(ctx, weights, indices, values, decoder):  # type: ignore[override]
+        ctx.save_for_backward(indices, values, decoder)
+        return weighted_row_sum(indices, weights, decoder)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        indices, values, decoder = ctx.saved_tensors
+        grad_weights = active_dots(grad.contiguous(), indices, decoder, values) * (values != 0)
+        return grad_weights, None, None, None

@@ -52,7 +52,8 @@ def test_active_dots_reads_live_slots_only(tokens, width, d) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_splice_through_the_kernels_equals_dense_autograd(sae_factory, input_ids, monkeypatch) -> None:
+@pytest.mark.parametrize("component", ["scale", "clamp"])
+def test_splice_through_the_kernels_equals_dense_autograd(component, sae_factory, input_ids, monkeypatch) -> None:
     import peft_isaerft.components as components
 
     calls = []
@@ -63,13 +64,15 @@ def test_splice_through_the_kernels_equals_dense_autograd(sae_factory, input_ids
     outputs = []
     for sparse in (False, True):
         model = make_model("llama")
-        peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], init_weights=False))
+        peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], init_weights=False,
+                                                         component=component))
         layer = peft_model.base_model.model.model.layers[1]
         layer.isaerft_splices["default"].sparse_backward = sparse
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         logits = peft_model(inputs_embeds=embeds).logits
         (logits * torch.linspace(-1, 1, logits.shape[-1])).pow(2).mean().backward()
-        outputs.append((logits.detach(), embeds.grad, layer.isaerft_scale["default"].grad))
+        first = next(p for n, p in layer.named_parameters() if p.requires_grad)
+        outputs.append((logits.detach(), embeds.grad, first.grad))
     assert components.kernels.usable(torch.zeros(1))
     assert calls.count("weighted_row_sum") == 2 and calls.count("active_dots") == 1
     assert calls.count("threshold_compact") == 1  # the JumpReLU active set without dense latents

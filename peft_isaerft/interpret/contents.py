@@ -16,6 +16,7 @@ import torch
 from sae_lens import SAE
 from safetensors.torch import load_file
 
+from ..components import get_component
 from ..saes import SAEReference, decoder_directions, load_sae, sae_hook_name
 from ..tuner.config import ISaeRFTConfig
 from ..tuner.layer import ISaeRFTLayer
@@ -36,8 +37,8 @@ class SpliceContents:
     reference: SAEReference
     sae_index: int
     component: str
-    scale: torch.Tensor | None
-    bias: torch.Tensor | None
+    values: dict[str, torch.Tensor]
+    """Per parameter name of the component (``scale``, ``bias``, ``clamp_gate``, ...), one value per latent."""
     sae: SAE
 
     @property
@@ -45,8 +46,16 @@ class SpliceContents:
         with torch.no_grad():
             return decoder_directions(self.sae).float().norm(dim=-1).cpu()
 
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self.values.get("scale")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.values.get("bias")
+
     def parameters(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in (("scale", self.scale), ("bias", self.bias)) if value is not None}
+        return dict(self.values)
 
 
 def contents_from_model(model: Any, adapter_name: str | None = None) -> list[SpliceContents]:
@@ -58,7 +67,7 @@ def contents_from_model(model: Any, adapter_name: str | None = None) -> list[Spl
         if not isinstance(module, ISaeRFTLayer) or adapter_name not in module.isaerft_splices:
             continue
         splice = module.isaerft_splices[adapter_name]
-        scale, bias = module.adapter_parameters(adapter_name)
+        params = module.adapter_parameters(adapter_name)
         found.append(
             SpliceContents(
                 adapter=adapter_name,
@@ -67,8 +76,7 @@ def contents_from_model(model: Any, adapter_name: str | None = None) -> list[Spl
                 reference=splice.reference,
                 sae_index=splice.sae_index,
                 component=config.component,
-                scale=None if scale is None else scale.detach().float().cpu(),
-                bias=None if bias is None else bias.detach().float().cpu(),
+                values={name: value.detach().float().cpu() for name, value in params.items()},
                 sae=splice.sae,
             )
         )
@@ -105,13 +113,18 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
         sae = load_sae(reference, dtype=config.sae_dtype)
         where = f"{reference.hook or sae_hook_name(sae)}, {module_path}"
         config.checked_fingerprint(index, sae, reference.label, where)
+        component = get_component(config.component)
         values = {}
-        for param in ("scale", "bias"):
-            key = f"base_model.model.{module_path}.isaerft_{param}"
-            values[param] = tensors[key].float() if key in tensors else None
+        for parameter in component.parameters:
+            key = f"base_model.model.{module_path}.isaerft_{parameter.name}"
+            if key not in tensors:
+                raise ValueError(f"{weights_file} has no {key!r}, which a {component.name!r} adapter needs; the file "
+                                 "does not fit its config. Save the adapter again.")
+            values[parameter.name] = tensors[key].float()
         mask = config.latent_mask(index, reference.hook, sae.cfg.d_sae, reference.label)
         if mask is not None:
-            values = {k: None if v is None else v * mask for k, v in values.items()}
+            values = {parameter.name: parameter.identity + (values[parameter.name] - parameter.identity) * mask
+                      for parameter in component.parameters}
         found.append(
             SpliceContents(
                 name,
@@ -120,8 +133,7 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
                 reference,
                 index,
                 config.component,
-                values["scale"],
-                values["bias"],
+                values,
                 sae,
             )
         )

@@ -45,7 +45,8 @@ def render(
             if r.url:
                 label = f"[{label or 'dashboard'}]({r.url})"
             lines.append(
-                f"| {r.hook} | {r.latent} | {r.param} | {r.value:+.4f} | {r.effect:.4f} | {label.replace('|', '/')} |"
+                f"| {r.hook} | {r.latent} | {r.param_text} | {r.value:+.4f} | {r.effect:.4f} | "
+                f"{label.replace('|', '/')} |"
             )
         return "\n".join(lines) + "\n"
     if fmt == "table":
@@ -57,7 +58,8 @@ def render(
 
 def _table(records: Sequence[FeatureRecord]) -> str:
     rows = [
-        (r.hook, str(r.latent), r.param, f"{r.value:+.4f}", f"{r.effect:.4f}", (r.label or "")[:70]) for r in records
+        (r.hook, str(r.latent), r.param_text, f"{r.value:+.4f}", f"{r.effect:.4f}", (r.label or "")[:70])
+        for r in records
     ]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(_COLUMNS)]
     line = "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))
@@ -104,7 +106,7 @@ def _html(records: Sequence[FeatureRecord], title: str, history: dict[str, Any] 
     for hook in dict.fromkeys(r.hook for r in records):
         subset = [r for r in records if r.hook == hook]
         rows = "".join(
-            f"<tr><td>{r.latent}</td><td>{r.param}</td><td>{r.value:+.4f}</td><td>{r.effect:.4f}</td>"
+            f"<tr><td>{r.latent}</td><td>{html.escape(r.param_text)}</td><td>{r.value:+.4f}</td><td>{r.effect:.4f}</td>"
             f"<td>{html.escape(r.label or '')}</td>"
             f"<td>{f'<a href={chr(34)}{html.escape(r.url)}{chr(34)}>dashboard</a>' if r.url else ''}</td></tr>"
             for r in subset

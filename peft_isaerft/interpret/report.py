@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..components import get_component
 from .activations import LatentStatistics, latent_statistics
 from .contents import SpliceContents, load_contents
 from .labels import Labels, dashboard_url, sae_key
@@ -33,11 +34,17 @@ class FeatureRecord:
     value: float
     effect: float
     """How far it moves the residual stream: |b| * ||d|| for a bias; |s| * ||d|| * mean activation for a scale
-    when data was given (per unit of activation otherwise)."""
+    when data was given (per unit of activation otherwise); for a clamp |g| * |c - typical activation| * ||d||."""
     label: str | None = None
     url: str | None = None
     context: str | None = None
     """The top-activating context on the given data, used as the label when no other label exists."""
+    detail: str | None = None
+    """What the component does with this latent beyond one number (a clamp: when it acts and what it pulls to)."""
+
+    @property
+    def param_text(self) -> str:
+        return f"{self.param} ({self.detail})" if self.detail else self.param
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,31 +108,31 @@ def feature_report(
 
 
 def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics | None) -> list[FeatureRecord]:
-    norms = splice.decoder_norms
     key = sae_key(splice.reference)
+    mean_activation = stats.mean_activation if stats is not None else None
+    readings = get_component(splice.component).readings(splice.parameters(), splice.decoder_norms, mean_activation)
     records = []
-    for param, values in splice.parameters().items():
-        effect = values.abs() * norms
-        if param == "scale" and stats is not None:
-            effect = effect * stats.mean_activation.clamp_min(0)
+    for reading in readings:
+        values = reading.value
         # a NaN or infinite parameter ranks first, so no report hides it
-        effect = torch.where(torch.isfinite(values), effect, torch.full_like(effect, float("inf")))
+        effect = torch.where(torch.isfinite(values), reading.effect, torch.full_like(reading.effect, float("inf")))
         for latent in torch.nonzero(values).flatten().tolist():
             context = stats.context(latent) if stats is not None else None
+            finite = bool(torch.isfinite(values[latent]))
+            label = labels.get((key, latent)) or (f"fires on: {context}" if context else "")
             records.append(
                 FeatureRecord(
                     adapter=splice.adapter,
                     hook=splice.hook,
                     sae=splice.reference.label,
                     latent=latent,
-                    param=param,
+                    param=reading.param,
                     value=float(values[latent]),
                     effect=float(effect[latent]),
-                    label=(("NON-FINITE VALUE " if not bool(torch.isfinite(values[latent])) else "")
-                           + (labels.get((key, latent)) or (f"fires on: {context}" if context else ""))).strip()
-                    or None,
+                    label=(("" if finite else "NON-FINITE VALUE ") + label).strip() or None,
                     url=dashboard_url(splice.reference, latent),
                     context=context,
+                    detail=reading.detail(latent) if reading.detail is not None else None,
                 )
             )
     return records

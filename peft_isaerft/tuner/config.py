@@ -49,7 +49,8 @@ class ISaeRFTConfig(PeftConfig):
     )
     component: str = field(
         default="scale",
-        metadata={"help": "What to train per latent: 'scale' ((1+s)*z), 'bias' (z+b) or 'scale_bias' (both)."},
+        metadata={"help": "What to train per latent: 'scale' ((1+s)*z), 'bias' (z+b), 'scale_bias' (both) or 'clamp' "
+                          "(pull firing features towards a learned value); see peft_isaerft.components."},
     )
     init_weights: bool = field(
         default=True,

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .. import guards
 from ..active_latents import selector_for, tf32_matmuls
 from ..attach_points import AttachPoint
-from ..components import Component, residual_delta
+from ..components import Component, SpliceInputs, parameter_container_names
 from ..saes import SAEReference, decoder_directions
 from ..sparsity import register_l1
 from .config import ISaeRFTConfig
@@ -66,16 +66,17 @@ class Splice:
 class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     """A base-model module with one SAE splice per adapter at its input or output.
 
-    Trained parameters live in ``isaerft_scale[adapter]`` and ``isaerft_bias[adapter]`` (one entry per SAE
-    latent). The SAE itself is frozen and kept outside the module tree, so it is never trained, saved,
-    sharded into optimizer state, or cast by ``model.half()``; ``model.to(device)`` still moves it.
+    Trained parameters live in ``isaerft_<parameter>[adapter]`` (``isaerft_scale``, ``isaerft_bias``,
+    ``isaerft_clamp_gate``, ...: whatever the adapter's component declares, one entry per SAE latent). The SAE itself
+    is frozen and kept outside the module tree, so it is never trained, saved, sharded into optimizer state, or cast
+    by ``model.half()``; ``model.to(device)`` still moves it.
 
     Example:
         >>> layer = peft_model.base_model.model.model.layers[3]  # doctest: +SKIP
-        >>> scale, bias = layer.adapter_parameters("default")  # doctest: +SKIP
+        >>> layer.adapter_parameters("default")["scale"]  # doctest: +SKIP
     """
 
-    adapter_layer_names = ("isaerft_scale", "isaerft_bias")
+    adapter_layer_names = parameter_container_names()
     other_param_names = ("isaerft_latent_mask", "isaerft_splices")
 
     def __init__(
@@ -88,8 +89,8 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.isaerft_scale = nn.ParameterDict({})
-        self.isaerft_bias = nn.ParameterDict({})
+        for container in self.adapter_layer_names:
+            setattr(self, container, nn.ParameterDict({}))
         # derived from the config on every load, so not part of the adapter file
         self.isaerft_latent_mask = BufferDict({}, persistent=False)
         self.isaerft_splices: dict[str, Splice] = {}
@@ -124,33 +125,37 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         d_sae = splice.sae.cfg.d_sae
         device = splice.sae.W_dec.device
         self.isaerft_splices[adapter_name] = splice
-        for name, container in (("scale", self.isaerft_scale), ("bias", self.isaerft_bias)):
-            if name not in splice.component.parameters:
-                continue
+        for parameter in splice.component.parameters:
             if config.init_weights:
-                values = torch.zeros(d_sae, dtype=torch.float32, device=device)
+                values = torch.full((d_sae,), parameter.identity, dtype=torch.float32, device=device)
             else:
                 generator = torch.Generator().manual_seed(
-                    zlib.crc32(f"{adapter_name}/{name}/{splice.sae_index}".encode())
+                    zlib.crc32(f"{adapter_name}/{parameter.name}/{splice.sae_index}".encode())
                 )
-                values = (torch.randn(d_sae, generator=generator) * 0.1).to(device)
-            if latent_mask is not None:
-                values = values * latent_mask.to(device)
-            container[adapter_name] = nn.Parameter(values)
+                noise = torch.randn(d_sae, generator=generator) * parameter.random_std + parameter.random_mean
+                values = (parameter.identity + noise).to(device)
+            if latent_mask is not None:  # latents outside the allow-list stay at the identity
+                values = parameter.identity + (values - parameter.identity) * latent_mask.to(device)
+            self._container(parameter.name)[adapter_name] = nn.Parameter(values)
         self._l1_coeffs[adapter_name] = config.l1_coeff
         self._register_hooks(adapter_name)
         if latent_mask is not None:
             self.isaerft_latent_mask[adapter_name] = latent_mask.to(device=device, dtype=torch.float32)
         self.set_adapter(self.active_adapters)
 
+    def _container(self, parameter: str) -> nn.ParameterDict:
+        return getattr(self, f"isaerft_{parameter}")
+
     def _register_hooks(self, adapter_name: str) -> None:
         """Attach the proximal L1 step and the non-finite guard to the current parameter objects of an adapter."""
         splice = self.isaerft_splices[adapter_name]
-        for name, container in (("scale", self.isaerft_scale), ("bias", self.isaerft_bias)):
+        for parameter in splice.component.parameters:
+            container = self._container(parameter.name)
             if adapter_name in container:
-                register_l1(container[adapter_name], self._l1_coeffs.get(adapter_name, 0.0))
+                l1_coeff = self._l1_coeffs.get(adapter_name, 0.0) if parameter.sparse else 0.0
+                register_l1(container[adapter_name], l1_coeff)
                 guards.watch(container[adapter_name], f"adapter {adapter_name!r} at {splice.point.hook} "
-                             f"({splice.point.module_path}), isaerft_{name}")
+                             f"({splice.point.module_path}), isaerft_{parameter.name}")
 
     def _after_load(self, _module: nn.Module, _keys: Any) -> None:
         # loading with assign=True (low_cpu_mem_usage) replaces the parameter objects the hooks were attached to
@@ -159,15 +164,17 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
 
     # ---------------------------------------------------------------------------------------------- math
 
-    def adapter_parameters(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The effective (masked) scale and bias of ``adapter_name``; None where the component has none."""
+    def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The effective (allow/deny-masked) per-latent parameters of ``adapter_name``, by parameter name."""
+        splice = self.isaerft_splices[adapter_name]
         mask = self.isaerft_latent_mask[adapter_name] if adapter_name in self.isaerft_latent_mask else None
-        scale = self.isaerft_scale[adapter_name] if adapter_name in self.isaerft_scale else None
-        bias = self.isaerft_bias[adapter_name] if adapter_name in self.isaerft_bias else None
-        if mask is not None:
-            scale = None if scale is None else scale * mask
-            bias = None if bias is None else bias * mask
-        return scale, bias
+        params = {}
+        for parameter in splice.component.parameters:
+            values = self._container(parameter.name)[adapter_name]
+            if mask is not None:
+                values = parameter.identity + (values - parameter.identity) * mask
+            params[parameter.name] = values
+        return params
 
     def _delta(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         splice = self.isaerft_splices[adapter_name]
@@ -178,11 +185,10 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 f"{splice.point.module_path} ({splice.point.position}) carries {hidden.shape[-1]}; attach it where "
                 "the width matches."
             )
-        scale, bias = self.adapter_parameters(adapter_name)
-        if splice.sparse_backward and scale is not None:
-            return residual_delta(splice.encode, decoder, hidden, scale, bias, select=splice.selector,
-                                  encoder_rows=splice.encoder_rows())
-        return residual_delta(splice.encode, decoder, hidden, scale, bias)
+        sparse = splice.sparse_backward and splice.component.needs_latents
+        inputs = SpliceInputs(splice.encode, decoder, hidden, select=splice.selector if sparse else None,
+                              encoder_rows=splice.encoder_rows() if sparse else None)
+        return splice.component.delta(self.adapter_parameters(adapter_name), inputs)
 
     def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         for adapter_name in adapters:
@@ -224,10 +230,9 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         point = splice.point
         if not splice.component.mergeable:
             raise ValueError(
-                f"Adapter {adapter_name!r} uses component {splice.component.name!r}, which cannot be merged: its "
-                "edit (1 + s) * z depends on each token through the SAE encoder's nonlinearity, so it is not a fixed "
-                "change of any weight. Keep the adapter unmerged (it runs at about the cost of one encoder pass), or "
-                "train a 'bias' adapter if you need a mergeable one."
+                f"Adapter {adapter_name!r} uses component {splice.component.name!r}, which cannot be merged: "
+                f"{splice.component.merge_refusal}. Keep the adapter unmerged (it runs at about the cost of one "
+                "encoder pass), or train a 'bias' adapter if you need a mergeable one."
             )
         if point.merge_linear is None:
             raise ValueError(
@@ -246,9 +251,9 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     def merged_constant(self, adapter_name: str, linear: nn.Module, through_weight: bool) -> torch.Tensor:
         """The vector a merge adds to ``linear``'s bias for a bias adapter."""
         splice = self.isaerft_splices[adapter_name]
-        _, bias = self.adapter_parameters(adapter_name)
         with torch.no_grad():
-            constant = bias.double() @ decoder_directions(splice.sae).double().to(bias.device)
+            constant = splice.component.merged_constant(self.adapter_parameters(adapter_name),
+                                                        decoder_directions(splice.sae))
             if through_weight:
                 weight = linear.weight.double().to(constant.device)
                 constant = constant @ weight if isinstance(linear, Conv1D) else weight @ constant

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..attach_points import AttachPoint, layout_for, resolve_attach_point
-from ..components import get_component
+from ..components import get_component, parameter_container_names
 from ..saes import load_sae, sae_hook_name
 from .config import ISaeRFTConfig
 from .layer import ISaeRFTLayer, Splice
@@ -172,7 +172,8 @@ class ISaeRFTModel(BaseTuner):
         expected = {
             name: param
             for name, param in model.named_parameters()
-            if (".isaerft_scale." in name or ".isaerft_bias." in name) and name.endswith("." + adapter_name)
+            if any(f".{container}." in name for container in parameter_container_names())
+            and name.endswith("." + adapter_name)
         }
         missing = sorted(set(expected) - set(remapped))
         unexpected = sorted(k for k in remapped if ("isaerft_" in k) and k not in expected)
