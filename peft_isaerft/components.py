@@ -53,6 +53,8 @@ class LatentParameter:
     random_mean: float = 0.0
     sparse: bool = True
     """Whether ``l1_coeff`` applies to it (the proximal step keeps only the latents the data needs)."""
+    nonnegative: bool = False
+    """Projected onto ``>= 0`` after every optimizer step (with the proximal step)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ class Clamp(Component):
 
         f(z)_i = z_i + [z_i > 0] * g_i * sigmoid(k * (z_i - a_i)) * (c_i - z_i)
 
-    ``g`` (the gate, sparse under ``l1_coeff``) says how strongly latent ``i`` is pulled, ``a`` above which activation
+    ``g`` (the gate, non-negative and sparse under ``l1_coeff``; 1 pulls all the way) says how strongly latent ``i``
+    is pulled, ``a`` above which activation
     it acts, ``c`` the value it is pulled to (free to go negative: SAE-based unlearning clamps features to negative
     values when they fire). Exactly the identity at init (``g = 0``).
 
@@ -173,7 +176,8 @@ class Clamp(Component):
 
     name = "clamp"
     summary = "z -> z + [z>0] g sigmoid(k (z - a)) (c - z): pull firing features towards a learned value"
-    parameters = (LatentParameter("clamp_gate"), LatentParameter("clamp_threshold", sparse=False),
+    parameters = (LatentParameter("clamp_gate", nonnegative=True, random_mean=0.3),
+                  LatentParameter("clamp_threshold", sparse=False),
                   LatentParameter("clamp_target", sparse=False, random_std=1.0))
     sharpness = 4.0
     """``k``: how sharply the gate switches around the threshold, per unit of activation."""

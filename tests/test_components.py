@@ -87,6 +87,7 @@ def test_clamp_trains_with_l1_on_the_gate_only_saves_reads_and_refuses_to_merge(
             assert getattr(layer, name)["default"].grad.abs().sum() > 0, name
         optimizer.step()
         optimizer.zero_grad()
+    assert (layer.isaerft_clamp_gate["default"] >= 0).all()  # the gate is projected onto >= 0 after every step
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids).logits

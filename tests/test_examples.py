@@ -1,4 +1,5 @@
-"""The examples/ scripts (SFT, DPO, GRPO with an ISaeRFT adapter, then `isaerft report`) run as shipped."""
+"""The examples/ scripts (SFT, DPO, GRPO with an ISaeRFT adapter, unlearning with a clamp, then `isaerft report`) run
+as shipped."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytest.importorskip("trl")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py"])
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "unlearn.py"])
 def test_example_trains_and_reports(script, tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(EXAMPLES / script), "--output", str(tmp_path), "--steps", "2"],

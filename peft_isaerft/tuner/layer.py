@@ -153,7 +153,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
             container = self._container(parameter.name)
             if adapter_name in container:
                 l1_coeff = self._l1_coeffs.get(adapter_name, 0.0) if parameter.sparse else 0.0
-                register_l1(container[adapter_name], l1_coeff)
+                register_l1(container[adapter_name], l1_coeff, nonnegative=parameter.nonnegative)
                 guards.watch(container[adapter_name], f"adapter {adapter_name!r} at {splice.point.hook} "
                              f"({splice.point.module_path}), isaerft_{parameter.name}")
 
