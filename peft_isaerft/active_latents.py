@@ -10,8 +10,9 @@ selector            how it finds the active set
 ==================  ==================================================================================
 ``TopKSelector``    the encoder's own top-k: pre-activations, ``topk(k)``, ReLU; the dense latents are
                     never built (``k`` is static, so nothing waits on the GPU)
-``ThresholdSelector``  ReLU and JumpReLU: the encoder's dense output, then the ``width`` largest entries,
-                    ``width`` a static bound on L0 measured once and widened when a token reaches it
+``ThresholdSelector``  ReLU and JumpReLU: the pre-activations above each latent's threshold, compacted by one
+                    kernel on CUDA (no dense latents); elsewhere the ``width`` largest entries of the encoder's
+                    output; ``width`` a static bound on L0 measured once and widened when a token exceeds it
 ==================  ==================================================================================
 
 Gated SAEs and SAEs with ``rescale_acts_by_decoder_norm`` have none: their latents' derivative is not
@@ -110,6 +111,13 @@ class LatentSelector:
         """The active latents of one block of tokens."""
         raise NotImplementedError
 
+    def pre_activations(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The encoder's pre-activations, through sae-lens's own input processing and hook (bias fused into the
+        matrix product)."""
+        sae = self.sae
+        with tf32_matmuls(self.tf32):
+            return sae.hook_sae_acts_pre(torch.addmm(sae.b_enc, sae.process_sae_in(hidden), sae.W_enc))
+
 
 class TopKSelector(LatentSelector):
     """TopK SAEs: the indices of the encoder's own top-k, without scattering them into dense latents.
@@ -121,10 +129,7 @@ class TopKSelector(LatentSelector):
     encoder_classes = (TopKSAE,)
 
     def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sae = self.sae
-        with tf32_matmuls(self.tf32):
-            pre = sae.hook_sae_acts_pre(torch.addmm(sae.b_enc, sae.process_sae_in(hidden), sae.W_enc))
-        values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+        values, indices = self.pre_activations(hidden).topk(self.sae.cfg.k, dim=-1, sorted=False)
         return values.relu_(), indices
 
 
@@ -191,9 +196,7 @@ class ThresholdSelector(LatentSelector):
         return values, indices
 
     def _select_compact(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sae = self.sae
-        with tf32_matmuls(self.tf32):
-            pre = sae.hook_sae_acts_pre(torch.addmm(sae.b_enc, sae.process_sae_in(hidden), sae.W_enc))
+        pre = self.pre_activations(hidden)
         threshold = self.threshold()
         self._read_pending()
         if self.width is None:  # one synchronisation, on the first block only

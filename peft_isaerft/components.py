@@ -56,6 +56,10 @@ class LatentParameter:
     nonnegative: bool = False
     """Projected onto ``>= 0`` after every optimizer step (with the proximal step)."""
 
+    def masked(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``values`` where ``mask`` is 1, the identity value where it is 0 (latents outside an allow-list)."""
+        return self.identity + (values - self.identity) * mask
+
 
 @dataclass(frozen=True)
 class Reading:

@@ -146,10 +146,11 @@ def install_save_guard() -> None:
     from peft import PeftModel
 
     from .patching import wrap_once
+    from .tuner.config import is_isaerft_config
 
     def make(original: Any) -> Any:
         def save_pretrained(self: Any, *args: Any, allow_non_finite: bool = False, **kwargs: Any) -> Any:
-            if any(str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT") for cfg in self.peft_config.values()):
+            if any(is_isaerft_config(cfg) for cfg in self.peft_config.values()):
                 found = non_finite_parameters(self)
                 if found and allow_non_finite:
                     logging.getLogger(__name__).warning("Saving non-finite ISaeRFT parameters: %s", "; ".join(found))

@@ -30,10 +30,6 @@ BUNDLE_PREFIX = "sae_"
 """Bundled SAE ``i`` lives in ``sae_<i>/``: one folder level, which is what transformers' Hub upload walks."""
 
 
-def _is_isaerft(config: Any) -> bool:
-    return str(getattr(config, "peft_type", "")) in ("ISAERFT", "PeftType.ISAERFT")
-
-
 def bundle_saes(adapter_dir: str | os.PathLike[str], bundle: bool | None = None) -> list[str]:
     """Copy the local SAE folders an adapter folder references into it and point its config at the copies.
 
@@ -129,6 +125,7 @@ def install_bundling() -> None:
     from peft import PeftModel
 
     from .patching import wrap_once
+    from .tuner.config import is_isaerft_config
 
     def make(original: Any) -> Any:
         def save_pretrained(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> Any:
@@ -136,7 +133,7 @@ def install_bundling() -> None:
             selected = kwargs.get("selected_adapters") or list(self.peft_config)
             if kwargs.get("is_main_process", True):
                 for name in selected:
-                    if name in self.peft_config and _is_isaerft(self.peft_config[name]):
+                    if name in self.peft_config and is_isaerft_config(self.peft_config[name]):
                         folder = Path(save_directory) if name == "default" else Path(save_directory) / name
                         if (folder / "adapter_config.json").is_file():
                             bundle_saes(folder, self.peft_config[name].bundle_saes)

@@ -108,12 +108,12 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
         raise ValueError(f"{config_file} does not record where each SAE was attached (target_modules); re-save it.")
     tensors = load_file(str(weights_file))
     name = adapter_name or folder.name
+    component = get_component(config.component)
     found = []
     for index, (reference, module_path) in enumerate(zip(config.references, config.target_modules, strict=True)):
         sae = load_sae(reference, dtype=config.sae_dtype)
         where = f"{reference.hook or sae_hook_name(sae)}, {module_path}"
         config.checked_fingerprint(index, sae, reference.label, where)
-        component = get_component(config.component)
         values = {}
         for parameter in component.parameters:
             key = f"base_model.model.{module_path}.isaerft_{parameter.name}"
@@ -123,7 +123,7 @@ def contents_from_folder(folder: str | os.PathLike[str], adapter_name: str | Non
             values[parameter.name] = tensors[key].float()
         mask = config.latent_mask(index, reference.hook, sae.cfg.d_sae, reference.label)
         if mask is not None:
-            values = {parameter.name: parameter.identity + (values[parameter.name] - parameter.identity) * mask
+            values = {parameter.name: parameter.masked(values[parameter.name], mask)
                       for parameter in component.parameters}
         found.append(
             SpliceContents(

@@ -63,14 +63,12 @@ def install_model_card_hook() -> None:
         >>> install_model_card_hook()  # done by `import peft_isaerft`; calling it again changes nothing
     """
     from ..patching import wrap_once
+    from ..tuner.config import is_isaerft_config
 
     def card(original: Any) -> Any:
         def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
             original(self, output_dir)
-            adapters = [
-                name for name, cfg in self.peft_config.items()
-                if str(cfg.peft_type) in ("ISAERFT", "PeftType.ISAERFT")
-            ]
+            adapters = [name for name, cfg in self.peft_config.items() if is_isaerft_config(cfg)]
             if not adapters:
                 return
             path = os.path.join(output_dir, "README.md")
@@ -97,7 +95,7 @@ def install_model_card_hook() -> None:
     # elsewhere
     def upload(original: Any) -> Any:
         def _upload_modified_files(self: PeftModel, working_dir: str, *args: Any, **kwargs: Any) -> Any:
-            if any(cfg.peft_type == "ISAERFT" for cfg in self.peft_config.values()):
+            if any(is_isaerft_config(cfg) for cfg in self.peft_config.values()):
                 self.create_or_update_model_card(working_dir)
                 from ..portable import unportable_references
 

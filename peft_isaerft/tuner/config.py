@@ -297,3 +297,8 @@ class ISaeRFTConfig(PeftConfig):
         if deny is not None:
             mask[deny] = 0.0
         return mask
+
+
+def is_isaerft_config(config: Any) -> bool:
+    """Whether a PEFT adapter config is an ISaeRFT one (the hooks on PeftModel act only on those)."""
+    return isinstance(config, ISaeRFTConfig)

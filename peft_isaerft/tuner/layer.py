@@ -135,7 +135,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 noise = torch.randn(d_sae, generator=generator) * parameter.random_std + parameter.random_mean
                 values = (parameter.identity + noise).to(device)
             if latent_mask is not None:  # latents outside the allow-list stay at the identity
-                values = parameter.identity + (values - parameter.identity) * latent_mask.to(device)
+                values = parameter.masked(values, latent_mask.to(device))
             self._container(parameter.name)[adapter_name] = nn.Parameter(values)
         self._l1_coeffs[adapter_name] = config.l1_coeff
         self._register_hooks(adapter_name)
@@ -172,7 +172,7 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         for parameter in splice.component.parameters:
             values = self._container(parameter.name)[adapter_name]
             if mask is not None:
-                values = parameter.identity + (values - parameter.identity) * mask
+                values = parameter.masked(values, mask)
             params[parameter.name] = values
         return params
 
