@@ -130,3 +130,14 @@ def test_corrupt_adapter_file(saved_adapter) -> None:
     (saved_adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*corrupt"):
         PeftModel.from_pretrained(make_model("llama"), saved_adapter)
+
+
+def test_adapter_file_with_a_base_model_weight_is_refused(saved_adapter) -> None:
+    # found by the fuzzer: a key outside the adapter would be ignored or overwrite a base-model weight
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved_adapter / "adapter_model.safetensors")
+    for value in (torch.zeros(()), torch.zeros(64, 32)):
+        save_file({**tensors, "base_model.model.lm_head.weight": value}, saved_adapter / "adapter_model.safetensors")
+        with pytest.raises(ValueError, match=r"unexpected \['base_model.model.lm_head.weight'\]"):
+            PeftModel.from_pretrained(make_model("llama"), saved_adapter)

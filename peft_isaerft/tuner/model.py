@@ -175,8 +175,12 @@ class ISaeRFTModel(BaseTuner):
             if any(f".{container}." in name for container in parameter_container_names())
             and name.endswith("." + adapter_name)
         }
+        parameters = dict(model.named_parameters())
         missing = sorted(set(expected) - set(remapped))
-        unexpected = sorted(k for k in remapped if ("isaerft_" in k) and k not in expected)
+        # besides the ISaeRFT vectors, an adapter file may only hold the copies of its modules_to_save: any other
+        # key would be ignored or would overwrite a base-model weight
+        unexpected = sorted(k for k in remapped if k not in expected
+                            and not (".modules_to_save." in k and k in parameters))
         if missing or unexpected:
             raise ValueError(
                 f"The adapter weights of {adapter_name!r} do not fit its config on this model: missing "
@@ -190,6 +194,12 @@ class ISaeRFTModel(BaseTuner):
                     f"Adapter weight {cls._remove_adapter_name_from_key(name, adapter_name)} has shape "
                     f"{tuple(value.shape)} in the file but the SAE at that point has {tuple(expected[name].shape)} "
                     "latents: the adapter was trained with a different SAE than its config names now."
+                )
+            if name not in expected and tuple(value.shape) != tuple(parameters[name].shape):
+                raise ValueError(
+                    f"Adapter weight {cls._remove_adapter_name_from_key(name, adapter_name)} has shape "
+                    f"{tuple(value.shape)} in the file but {tuple(parameters[name].shape)} in this model: the adapter "
+                    "was saved from another base model, or its file is corrupt."
                 )
         return remapped
 
