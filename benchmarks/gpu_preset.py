@@ -83,6 +83,7 @@ METHODS = [
     Method("scale, sae_dtype bf16", "scale", options={"sae_dtype": "bfloat16"}),
     Method("scale_bias", "scale_bias"),
     Method("clamp", "clamp"),
+    Method("latent_map", "latent_map"),
     Method("scale 65k", "scale", wide=True),
     Method("scale 65k, dense autograd", "scale", wide=True, options={"sparse": False}),
     Method("scale 65k, sae_tf32", "scale", wide=True, options={"sae_tf32": True}),

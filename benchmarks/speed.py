@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
     parser.add_argument("--preset", choices=["cpu", "gemma-2-2b"], default="cpu",
                         help="cpu: the grid below; gemma-2-2b: the GPU table of benchmarks/gpu_preset.py")
-    parser.add_argument("--single", choices=["base", "lora", "bias", "scale", "scale_bias", "clamp", "scale-dense",
+    parser.add_argument("--single", choices=["base", "lora", "bias", "scale", "scale_bias", "clamp", "latent_map",
+                                             "scale-dense",
                                              "encoder"],
                         help="time only this method in the d_sae 32x, seq 512 cell (1 SAE) and exit")
     args = parser.parse_args()

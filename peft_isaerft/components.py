@@ -15,11 +15,12 @@ component       f(z)                                               cost
 ``bias``        z + b                                              none per token: b @ D is one vector
 ``scale_bias``  (1 + s) * z + b                                    as ``scale``
 ``clamp``       z + [z > 0] * g * sigmoid(k (z - a)) * (c - z)     as ``scale``
+``latent_map``  z + B (A^T z), A and B one row of r per latent     as ``scale``, plus ``r x d_in`` per token
 ==============  =================================================  ==========================================
 
-Every parameter has one entry per SAE latent, so every trained number belongs to a named feature. A component class
-owns its parameters (names, identity values, which are sparse), its math, how it reads in a report and whether and
-how it merges; the layer, the report, the card and the CLI ask it and never branch on its name.
+Every parameter has one entry (or one row) per SAE latent, so every trained number belongs to a named feature. A
+component class owns its parameters (names, identity values, which are sparse), its math, how it reads in a report
+and whether and how it merges; the layer, the report, the card and the CLI ask it and never branch on its name.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import torch
 
 from . import kernels
 
-__all__ = ["COMPONENTS", "Clamp", "Component", "LatentParameter", "SparseLatentScale", "get_component",
-           "residual_delta"]
+__all__ = ["COMPONENTS", "Clamp", "Component", "LatentMap", "LatentParameter", "SparseLatentScale", "get_component",
+           "per_latent", "residual_delta"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,30 @@ class LatentParameter:
     """Whether ``l1_coeff`` applies to it (the proximal step keeps only the latents the data needs)."""
     nonnegative: bool = False
     """Projected onto ``>= 0`` after every optimizer step (with the proximal step)."""
+    columns: str | None = None
+    """The config field giving the length of each latent's row (``latent_map_rank``); None: one number per latent."""
+    init_std: float = 0.0
+    """Non-zero: start random even with ``init_weights=True``, entries of spread ``init_std / sqrt(columns)`` (the
+    component is still the identity at init through another parameter, as LoRA's ``A`` is while ``B = 0``)."""
+
+    def shape(self, d_sae: int, config: object) -> tuple[int, ...]:
+        """``(d_sae,)``, or ``(d_sae, columns)`` for a row per latent."""
+        return (d_sae,) if self.columns is None else (d_sae, int(getattr(config, self.columns)))
 
     def masked(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``values`` where ``mask`` is 1, the identity value where it is 0 (latents outside an allow-list)."""
+        mask = mask.reshape(mask.shape + (1,) * (values.dim() - mask.dim()))
         return self.identity + (values - self.identity) * mask
+
+
+def per_latent(values: torch.Tensor) -> torch.Tensor:
+    """One number per latent: the values themselves, or each latent's row norm for a parameter with rows.
+
+    Example:
+        >>> per_latent(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([5., 0.])
+    """
+    return values if values.dim() == 1 else values.norm(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,11 @@ class Reading:
     value: torch.Tensor
     effect: torch.Tensor
     detail: Callable[[int], str | None] | None = None
+    latents: torch.Tensor | None = None
+    """When given, ``value`` and ``effect`` list entries (edges) instead of one number per latent, and this is the
+    latent each entry acts on."""
+    sources: torch.Tensor | None = None
+    """For edges: the latent each entry reads from (``sources[k] -> latents[k]``)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +245,77 @@ class Clamp(Component):
         return [Reading("clamp", gate, effect, detail)]
 
 
-COMPONENTS: dict[str, Component] = {c.name: c() for c in (Scale, Bias, ScaleBias, Clamp)}
+class LatentMap(Component):
+    """Latents that drive other latents, through a sparse low-rank map::
+
+        f(z) = z + B (A^T z)        A, B: d_sae x r (one row of r numbers per latent), B = 0 at init
+
+    so the learned map is ``W = B A^T``: an edge ``i -> j`` of weight ``W[j, i]`` adds ``W[j, i] * z_i`` to latent
+    ``j``. Both sides are sparse under ``l1_coeff`` (a proximal step per entry), so few source rows and few target rows
+    end non-zero and the map reads as a short list of edges. Computed from the active latents only: ``A^T z`` gathers
+    the rows of each token's L0 active latents, and ``(B u) @ D = u @ (B^T D)`` decodes through one ``r x d_in``
+    matrix per step instead of ``d_sae`` latents per token.
+
+    Example:
+        >>> ISaeRFTConfig(saes=[{"path": "my_sae"}], component="latent_map", latent_map_rank=8,
+        ...               l1_coeff=1e-3)  # doctest: +SKIP
+    """
+
+    name = "latent_map"
+    summary = "z -> z + B (A^T z): firing latents drive others through a sparse rank-r map, read as edges i -> j"
+    parameters = (LatentParameter("map_source", columns="latent_map_rank", init_std=1.0, random_std=1.0),
+                  LatentParameter("map_target", columns="latent_map_rank", random_std=0.1))
+    merge_refusal = "a latent map depends on each token's latents, so it is not a fixed change of any weight"
+    edges_per_target = 8
+    """How many incoming edges the reading keeps per target latent (the strongest)."""
+    targets_per_block = 1024
+
+    def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
+        compute_dtype = inputs.decoder.dtype
+        flat = inputs.hidden.to(compute_dtype).reshape(-1, inputs.hidden.shape[-1])
+        source, target = (params[n].to(compute_dtype) for n in self.parameter_names)
+        if inputs.select is not None and inputs.encoder_rows is not None:
+            values, indices = inputs.select(flat.detach())
+            active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
+            channels = torch.nn.functional.embedding_bag(indices, source, per_sample_weights=active, mode="sum")
+        else:
+            channels = inputs.encode(flat) @ source
+        delta = channels @ (target.T @ inputs.decoder)
+        return delta.reshape(inputs.hidden.shape).to(inputs.hidden.dtype)
+
+    def readings(self, params: dict[str, torch.Tensor], decoder_norms: torch.Tensor,
+                 mean_activation: torch.Tensor | None) -> list[Reading]:
+        source, target = (params[n].float() for n in self.parameter_names)
+        # only rows the L1 step left non-zero can carry an edge; a NaN row counts as non-zero so it is reported
+        sources = ((source != 0).any(-1)).nonzero().flatten()
+        targets = ((target != 0).any(-1)).nonzero().flatten()
+        # per unit of source activation, or at the source's mean activation on the data when given
+        source_weight = (mean_activation.clamp_min(0)[sources] if mean_activation is not None
+                         else torch.ones(len(sources)))
+        weights, effects, ends, starts = [], [], [], []
+        keep = min(self.edges_per_target, len(sources))
+        for block in targets.split(self.targets_per_block) if keep else ():
+            edges = target[block] @ source[sources].T  # block x sources
+            effect = edges.abs() * source_weight * decoder_norms[block, None]
+            effect = torch.where(torch.isfinite(edges), effect, torch.full_like(effect, float("inf")))
+            top = effect.topk(keep, dim=-1)
+            weights.append(edges.gather(1, top.indices).flatten())
+            effects.append(top.values.flatten())
+            ends.append(block.repeat_interleave(keep))
+            starts.append(sources[top.indices].flatten())
+        if not weights:
+            empty = torch.zeros(0)
+            return [Reading("map", empty, empty, latents=empty.long(), sources=empty.long())]
+        return [Reading("map", torch.cat(weights), torch.cat(effects), latents=torch.cat(ends),
+                        sources=torch.cat(starts))]
+
+    def edges(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The whole map ``W = B A^T`` (``d_sae x d_sae``, target by source): for small SAEs and tests."""
+        source, target = (params[n].float() for n in self.parameter_names)
+        return target @ source.T
+
+
+COMPONENTS: dict[str, Component] = {c.name: c() for c in (Scale, Bias, ScaleBias, Clamp, LatentMap)}
 """Component name -> the component; ``ISaeRFTConfig.component`` names one."""
 
 

@@ -112,12 +112,21 @@ def _proximal_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
 
 
 def _adam_denominator(state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-    """Adam's per-coordinate step divisor sqrt(v_hat) + eps: the metric the proximal step must use."""
+    """Adam's per-coordinate step divisor sqrt(v_hat) + eps: the metric the proximal step must use.
+
+    A coordinate no gradient has reached yet has no metric of its own (``v_hat = 0`` would make the step
+    ``lr * l1_coeff / eps`` and wipe any non-zero start at once, such as the source side of a latent map while its
+    target side is still zero); it uses the mean metric of the coordinates that were reached, and a parameter no
+    gradient has reached at all is not shrunk (infinite divisor). Computed on the device, with no host sync.
+    """
     step = state.get("step", 1)
     step = float(step.item() if isinstance(step, torch.Tensor) else step)
     beta2 = group.get("betas", (0.9, 0.999))[1]
-    v_hat = state["exp_avg_sq"] / (1 - beta2 ** max(step, 1.0))
-    return v_hat.sqrt() + group.get("eps", 1e-8)
+    root = (state["exp_avg_sq"] / (1 - beta2 ** max(step, 1.0))).sqrt()
+    reached = root > 0
+    typical = root.sum() / reached.sum().clamp_min(1)
+    typical = torch.where(typical > 0, typical, torch.full_like(typical, float("inf")))
+    return torch.where(reached, root, typical) + group.get("eps", 1e-8)
 
 
 @torch.no_grad()

@@ -105,7 +105,7 @@ def _splice_outputs(sae_folder, component: str, dtype: torch.dtype, sparse: bool
     return logits.detach().float(), embeds.grad.float(), grads
 
 
-@pytest.mark.parametrize("component", ["scale", "scale_bias", "clamp"])
+@pytest.mark.parametrize("component", ["scale", "scale_bias", "clamp", "latent_map"])
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compact_splice_equals_dense_autograd_on_a_model(component, architecture, dtype, sae_factory,

@@ -52,7 +52,7 @@ def test_active_dots_reads_live_slots_only(tokens, width, d) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("component", ["scale", "clamp"])
+@pytest.mark.parametrize("component", ["scale", "clamp", "latent_map"])
 def test_splice_through_the_kernels_equals_dense_autograd(component, sae_factory, input_ids, monkeypatch) -> None:
     import peft_isaerft.components as components
 
@@ -74,7 +74,9 @@ def test_splice_through_the_kernels_equals_dense_autograd(component, sae_factory
         first = next(p for n, p in layer.named_parameters() if p.requires_grad)
         outputs.append((logits.detach(), embeds.grad, first.grad))
     assert components.kernels.usable(torch.zeros(1))
-    assert calls.count("weighted_row_sum") == 2 and calls.count("active_dots") == 1
+    # the latent map gathers its r-wide source rows with embedding_bag; only its input gradient needs a kernel
+    row_sums, dots = (1, 0) if component == "latent_map" else (2, 1)
+    assert calls.count("weighted_row_sum") == row_sums and calls.count("active_dots") == dots
     assert calls.count("threshold_compact") == 1  # the JumpReLU active set without dense latents
     for dense, compact in zip(*outputs, strict=True):
         torch.testing.assert_close(compact, dense, atol=1e-5, rtol=1e-4)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(COMMON))
 PeftCommonTester = importlib.import_module("peft_common.testing_common").PeftCommonTester
 
 ARCHS = ["llama", "gpt2", "qwen2", "gemma2"]
-COMPONENTS = ["bias", "scale", "scale_bias"]
+COMPONENTS = ["bias", "scale", "scale_bias", "clamp", "latent_map"]
 CASES = [
     "_test_model_attr", "_test_adapter_name", "_test_prepare_for_training", "_test_load_model_low_cpu_mem_usage",
     "_test_save_pretrained", "_test_save_pretrained_selected_adapters", "_test_from_pretrained_config_construction",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..components import per_latent
 from ..saes import fingerprint_of
 from .contents import load_contents
 
@@ -72,6 +73,8 @@ def diff_adapters(a: Any, b: Any, top_k: int = 20, verify_sae_fingerprints: bool
             values_b = splice_b.parameters().get(param)
             if values_b is None:
                 continue
+            # a parameter with a row per latent (latent_map) compares per latent by the rows' norms
+            values_a, values_b = per_latent(values_a), per_latent(values_b)
             name = f"{key[0]}|{param}"
             k = min(top_k, values_a.numel())
             top_a = set(values_a.abs().topk(k).indices[values_a.abs().topk(k).values > 0].tolist())

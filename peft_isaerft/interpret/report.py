@@ -34,13 +34,17 @@ class FeatureRecord:
     value: float
     effect: float
     """How far it moves the residual stream: |b| * ||d|| for a bias; |s| * ||d|| * mean activation for a scale
-    when data was given (per unit of activation otherwise); for a clamp |g| * |c - typical activation| * ||d||."""
+    when data was given (per unit of activation otherwise); for a clamp |g| * |c - typical activation| * ||d||; for
+    an edge i -> j of a latent map |W[j, i]| * ||d_j|| times the source's mean activation when data was given."""
     label: str | None = None
     url: str | None = None
     context: str | None = None
     """The top-activating context on the given data, used as the label when no other label exists."""
     detail: str | None = None
-    """What the component does with this latent beyond one number (a clamp: when it acts and what it pulls to)."""
+    """What the component does with this latent beyond one number (a clamp: when it acts and what it pulls to; an
+    edge of a latent map: the latent it comes from, with that latent's label)."""
+    source: int | None = None
+    """For an edge ``source -> latent`` of a latent map: the latent it reads from (``value`` is the edge weight)."""
 
     @property
     def param_text(self) -> str:
@@ -112,14 +116,24 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
     mean_activation = stats.mean_activation if stats is not None else None
     readings = get_component(splice.component).readings(splice.parameters(), splice.decoder_norms, mean_activation)
     records = []
+
+    def label_of(latent: int) -> str:
+        context = stats.context(latent) if stats is not None else None
+        return labels.get((key, latent)) or (f"fires on: {context}" if context else "")
+
     for reading in readings:
         values = reading.value
         # a NaN or infinite parameter ranks first, so no report hides it
         effect = torch.where(torch.isfinite(values), reading.effect, torch.full_like(reading.effect, float("inf")))
-        for latent in torch.nonzero(values).flatten().tolist():
-            context = stats.context(latent) if stats is not None else None
-            finite = bool(torch.isfinite(values[latent]))
-            label = labels.get((key, latent)) or (f"fires on: {context}" if context else "")
+        for entry in torch.nonzero(values).flatten().tolist():
+            # one number per latent, or a list of edges source -> latent
+            latent = entry if reading.latents is None else int(reading.latents[entry])
+            source = None if reading.sources is None else int(reading.sources[entry])
+            finite = bool(torch.isfinite(values[entry]))
+            if source is not None:
+                detail = f"from {source}" + (f": {label_of(source)}" if label_of(source) else "")
+            else:
+                detail = reading.detail(entry) if reading.detail is not None else None
             records.append(
                 FeatureRecord(
                     adapter=splice.adapter,
@@ -127,12 +141,13 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
                     sae=splice.reference.label,
                     latent=latent,
                     param=reading.param,
-                    value=float(values[latent]),
-                    effect=float(effect[latent]),
-                    label=(("" if finite else "NON-FINITE VALUE ") + label).strip() or None,
+                    value=float(values[entry]),
+                    effect=float(effect[entry]),
+                    label=(("" if finite else "NON-FINITE VALUE ") + label_of(latent)).strip() or None,
                     url=dashboard_url(splice.reference, latent),
-                    context=context,
-                    detail=reading.detail(latent) if reading.detail is not None else None,
+                    context=stats.context(latent) if stats is not None else None,
+                    detail=detail,
+                    source=source,
                 )
             )
     return records

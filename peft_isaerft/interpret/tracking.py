@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..components import per_latent
 from .contents import contents_from_model
 from .render import figure_png
 
@@ -33,7 +34,8 @@ class LatentTrackingCallback(TrainerCallback):
     def _snapshot(self, model: Any) -> dict[str, float]:
         values: dict[str, float] = {}
         for splice in contents_from_model(model):
-            for param, tensor in splice.parameters().items():
+            for param, trained in splice.parameters().items():
+                tensor = per_latent(trained)  # a row per latent (latent_map) is tracked by its norm
                 magnitude = tensor.abs()
                 for latent in magnitude.topk(min(self.top_k, magnitude.numel())).indices.tolist():
                     if magnitude[latent] > 0:

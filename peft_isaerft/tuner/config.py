@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
+DEFAULT_LATENT_MAP_RANK = 8
+
 @dataclass
 class ISaeRFTConfig(PeftConfig):
     """Configuration of an ISaeRFT adapter.
@@ -49,8 +51,15 @@ class ISaeRFTConfig(PeftConfig):
     )
     component: str = field(
         default="scale",
-        metadata={"help": "What to train per latent: 'scale' ((1+s)*z), 'bias' (z+b), 'scale_bias' (both) or 'clamp' "
-                          "(pull firing features towards a learned value); see peft_isaerft.components."},
+        metadata={"help": "What to train per latent: 'scale' ((1+s)*z), 'bias' (z+b), 'scale_bias' (both), 'clamp' "
+                          "(pull firing features towards a learned value) or 'latent_map' (sparse latent-to-latent "
+                          "edges); see peft_isaerft.components."},
+    )
+    latent_map_rank: int = field(
+        default=DEFAULT_LATENT_MAP_RANK,
+        metadata={"help": "Rank r of the 'latent_map' component (z + B A^T z, A and B one row of r numbers per "
+                          "latent): how many independent channels carry latent-to-latent edges. Only for "
+                          "component='latent_map'."},
     )
     init_weights: bool = field(
         default=True,
@@ -179,6 +188,12 @@ class ISaeRFTConfig(PeftConfig):
         if not isinstance(self.component, str):
             raise ValueError(f"component must be a name such as 'scale', got {self.component!r}.")
         get_component(self.component)
+        if isinstance(self.latent_map_rank, bool) or not isinstance(self.latent_map_rank, int) \
+                or self.latent_map_rank < 1:
+            raise ValueError(f"latent_map_rank must be a whole number >= 1, got {self.latent_map_rank!r}.")
+        if self.latent_map_rank != DEFAULT_LATENT_MAP_RANK and self.component != "latent_map":
+            raise ValueError(f"latent_map_rank={self.latent_map_rank} only applies to component='latent_map', but "
+                             f"component is {self.component!r}; drop latent_map_rank or use component='latent_map'.")
         if not isinstance(self.saes, (list, tuple)):
             raise ValueError(
                 f"saes must be a list of SAE entries such as [{{'path': 'my_sae'}}], got {type(self.saes).__name__}."

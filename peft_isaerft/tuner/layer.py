@@ -67,9 +67,9 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
     """A base-model module with one SAE splice per adapter at its input or output.
 
     Trained parameters live in ``isaerft_<parameter>[adapter]`` (``isaerft_scale``, ``isaerft_bias``,
-    ``isaerft_clamp_gate``, ...: whatever the adapter's component declares, one entry per SAE latent). The SAE itself
-    is frozen and kept outside the module tree, so it is never trained, saved, sharded into optimizer state, or cast
-    by ``model.half()``; ``model.to(device)`` still moves it.
+    ``isaerft_clamp_gate``, ...: whatever the adapter's component declares, one entry or row per SAE latent). The SAE
+    itself is frozen and kept outside the module tree, so it is never trained, saved, sharded into optimizer state, or
+    cast by ``model.half()``; ``model.to(device)`` still moves it.
 
     Example:
         >>> layer = peft_model.base_model.model.model.layers[3]  # doctest: +SKIP
@@ -126,13 +126,19 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
         device = splice.sae.W_dec.device
         self.isaerft_splices[adapter_name] = splice
         for parameter in splice.component.parameters:
-            if config.init_weights:
-                values = torch.full((d_sae,), parameter.identity, dtype=torch.float32, device=device)
+            shape = parameter.shape(d_sae, config)
+            generator = torch.Generator().manual_seed(
+                zlib.crc32(f"{adapter_name}/{parameter.name}/{splice.sae_index}".encode())
+            )
+            # a row per latent is spread over its columns, so the row's norm does not grow with their number
+            spread = shape[-1] ** -0.5 if len(shape) > 1 else 1.0
+            if config.init_weights and not parameter.init_std:
+                values = torch.full(shape, parameter.identity, dtype=torch.float32, device=device)
+            elif config.init_weights:
+                values = (parameter.identity + torch.randn(shape, generator=generator) * parameter.init_std
+                          * spread).to(device)
             else:
-                generator = torch.Generator().manual_seed(
-                    zlib.crc32(f"{adapter_name}/{parameter.name}/{splice.sae_index}".encode())
-                )
-                noise = torch.randn(d_sae, generator=generator) * parameter.random_std + parameter.random_mean
+                noise = torch.randn(shape, generator=generator) * parameter.random_std * spread + parameter.random_mean
                 values = (parameter.identity + noise).to(device)
             if latent_mask is not None:  # latents outside the allow-list stay at the identity
                 values = parameter.masked(values, latent_mask.to(device))
