@@ -12,10 +12,13 @@ layers 6, 13, 19, 25. Each figure is the median of 5 steps after 2 warm-up steps
 one process: between methods the adapter is unloaded, its optimizer and gradients freed, and the peak counter reset.
 
 Also measured: the bare encoder pass of the 8192 tokens (fp32, TF32, bf16; the floor of a scale adapter's extra cost
-over a bias adapter), the cost of finding the active latents, host-device synchronisations inside one scale step,
+over a bias adapter), the cost of finding the active latents (also through the split bfloat16 encoder product that
+bfloat16 models get by default on CUDA, ``peft_isaerft.active_latents.split_bf16``), host-device synchronisations
+inside one scale step,
 a profile of one scale step, and what the faster precisions change (``precision``): the relative change of the
 splice's residual delta, and of a scale adapter trained for 20 steps (cosine to the float32 adapter and overlap of its
-top-20 latents), each beside a second float32 run, which is the floor set by GPU atomics' summation order.
+top-20 latents), each beside a second float32 run, which is the floor set by GPU atomics' summation order. The
+reference is the plain float32 encoder product; the rows "float32 encoder product" time it too.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 import peft_isaerft  # noqa: F401
-from peft_isaerft import ISaeRFTConfig, components, kernels
+from peft_isaerft import ISaeRFTConfig, active_latents, components, kernels
 from peft_isaerft.active_latents import selector_for
 from peft_isaerft.saes import SAEReference, clear_sae_cache, load_sae
 
@@ -77,6 +80,7 @@ METHODS = [
     Method("bias", "bias"),
     Method("scale", "scale"),
     Method("scale, dense autograd", "scale", options={"sparse": False}),
+    Method("scale, float32 encoder product", "scale", options={"split": False}),
     Method("scale, PyTorch ops (no Triton)", "scale", options={"triton": False}),
     Method("scale, dense active dots", "scale", options={"active_dots": "dense", "triton": False}),
     Method("scale, sae_tf32", "scale", options={"sae_tf32": True}),
@@ -86,11 +90,13 @@ METHODS = [
     Method("latent_map", "latent_map"),
     Method("scale 65k", "scale", wide=True),
     Method("scale 65k, dense autograd", "scale", wide=True, options={"sparse": False}),
+    Method("scale 65k, float32 encoder product", "scale", wide=True, options={"split": False}),
     Method("scale 65k, sae_tf32", "scale", wide=True, options={"sae_tf32": True}),
     Method("scale 65k, sae_dtype bf16", "scale", wide=True, options={"sae_dtype": "bfloat16"}),
     Method("bias x4", "bias", four=True),
     Method("scale x4", "scale", four=True),
     Method("scale x4, dense autograd", "scale", four=True, options={"sparse": False}),
+    Method("scale x4, float32 encoder product", "scale", four=True, options={"split": False}),
     Method("scale x4, sae_tf32", "scale", four=True, options={"sae_tf32": True}),
     Method("scale x4, sae_dtype bf16", "scale", four=True, options={"sae_dtype": "bfloat16"}),
 ]
@@ -156,6 +162,7 @@ def attach(model: Any, method: Method, saes: list[str]) -> Any:
     sparse = options.pop("sparse", True)
     components.ACTIVE_DOT_METHOD = options.pop("active_dots", "gather")
     kernels.ENABLED = options.pop("triton", True)
+    active_latents.SPLIT_ENCODER_DEVICES = {"cuda"} if options.pop("split", True) else set()
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": p} for p in saes], component=method.component,
                                                      init_weights=False, **options))
     for module in peft_model.modules():
@@ -223,6 +230,9 @@ def encoder_timings(sae_paths: dict[str, str], hidden: torch.Tensor, device: str
             values, _ = selector(hidden)
             out[f"mean L0 {width} {precision}"] = float((values != 0).sum(-1).float().mean())
             out[f"width {width} {precision}"] = float(values.shape[-1])
+            if precision == "fp32":  # a bfloat16 model's hidden states: the split encoder product
+                exact = hidden.bfloat16()
+                out[f"encode+select {width} split"] = median_seconds(lambda sel=selector, h=exact: sel(h), device)
             clear_sae_cache()
     return out
 
@@ -314,14 +324,19 @@ def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor]
     hidden = residual(model, batches[0], layer)
     d_sae = load_sae(SAEReference(path=sae_path), device=device).cfg.d_sae
     scale = torch.randn(d_sae, device=device, generator=torch.Generator(device=device).manual_seed(0)) * 0.5
-    variants = {"fp32": {}, "fp32 again": {}, "sae_tf32": {"sae_tf32": True},
-                "sae_dtype bf16": {"sae_dtype": "bfloat16"}}
+    # the reference is the plain float32 encoder product; "split" is the default for bfloat16 models on CUDA
+    variants = {"fp32": {"split": False}, "fp32 again": {"split": False}, "split bf16 encoder (default)": {},
+                "sae_tf32": {"sae_tf32": True}, "sae_dtype bf16": {"sae_dtype": "bfloat16"}}
     deltas, adapters = {}, {}
     for name, options in variants.items():
+        options = dict(options)
+        active_latents.SPLIT_ENCODER_DEVICES = {"cuda"} if options.pop("split", True) else set()
         sae = load_sae(SAEReference(path=sae_path), device=device, dtype=options.get("sae_dtype"))
         selector = selector_for(sae, tf32=options.get("sae_tf32", False))
+        # the hidden states are a bfloat16 model's (exact in bfloat16): the selector sees them as the model hands them
         with torch.no_grad():
-            deltas[name] = residual_delta(sae.encode, sae.W_dec, hidden, scale, None, select=selector,
+            deltas[name] = residual_delta(sae.encode, sae.W_dec, hidden, scale, None,
+                                          select=lambda h, sel=selector: sel(h.bfloat16()),
                                           encoder_rows=sae.W_enc.T.contiguous()).float()
         clear_sae_cache()
         torch.manual_seed(0)
@@ -329,6 +344,7 @@ def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor]
         train_steps(peft_model, batches, device, lr=1e-2)
         adapters[name] = next(p for n, p in peft_model.named_parameters() if "isaerft_scale" in n).detach().float()
         model = release(peft_model)
+    active_latents.SPLIT_ENCODER_DEVICES = {"cuda"}
     reference_delta, reference_adapter = deltas["fp32"], adapters["fp32"]
     top = set(reference_adapter.abs().topk(20).indices.tolist())
     result = {}

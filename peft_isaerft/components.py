@@ -219,7 +219,8 @@ class Clamp(Component):
         flat = hidden.reshape(-1, hidden.shape[-1])
         gate, threshold, target = (params[n].to(compute_dtype) for n in self.parameter_names)
         if inputs.select is not None and inputs.encoder_rows is not None:
-            values, indices = inputs.select(flat.detach())
+            # the selector gets the hidden states in their own dtype (a bfloat16 model's allow a faster exact encoder)
+            values, indices = inputs.select(inputs.hidden.reshape(flat.shape).detach())
             active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
             weights = self.edit(active, gate[indices], threshold[indices], target[indices])
             delta = SparseDecode.apply(weights, indices, values, inputs.decoder)
@@ -275,7 +276,8 @@ class LatentMap(Component):
         flat = inputs.hidden.to(compute_dtype).reshape(-1, inputs.hidden.shape[-1])
         source, target = (params[n].to(compute_dtype) for n in self.parameter_names)
         if inputs.select is not None and inputs.encoder_rows is not None:
-            values, indices = inputs.select(flat.detach())
+            # the selector gets the hidden states in their own dtype (a bfloat16 model's allow a faster exact encoder)
+            values, indices = inputs.select(inputs.hidden.reshape(flat.shape).detach())
             active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
             channels = torch.nn.functional.embedding_bag(indices, source, per_sample_weights=active, mode="sum")
         else:
@@ -374,7 +376,7 @@ def residual_delta(
         scale = scale.to(compute_dtype)
         if select is not None and encoder_rows is not None:
             flat = sae_hidden.reshape(-1, sae_hidden.shape[-1])
-            values, indices = select(flat.detach())
+            values, indices = select(hidden.reshape(flat.shape).detach())
             out = SparseLatentScale.apply(flat, scale, values, indices, encoder_rows, decoder).reshape(hidden.shape)
         else:
             out = (encode(sae_hidden) * scale) @ decoder

@@ -154,3 +154,52 @@ def test_scale_splice_shares_the_encoder_storage(sae_factory, input_ids) -> None
     rows = splice.encoder_rows()
     assert rows.is_contiguous() and rows.data_ptr() == splice.sae.W_enc.data_ptr()  # no second copy
     torch.testing.assert_close(splice.sae.W_enc.detach(), original)  # same values, only the layout changed
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("b_dec_to_input", [False, True])
+def test_split_bf16_encoder_gives_the_float32_pre_activations(architecture, b_dec_to_input, sae_factory,
+                                                               monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    sae = SAE.load_from_disk(str(sae_factory(architecture=architecture)))
+    sae.cfg.apply_b_dec_to_input = b_dec_to_input
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    hidden = (torch.randn(30, HIDDEN) * 3).bfloat16()  # what a bfloat16 model hands the splice
+    selector = selector_for(sae)
+    expected = selector.pre_activations(hidden)  # CPU: the plain float32 product
+    assert selector._split is None
+    monkeypatch.setattr(active_latents, "SPLIT_ENCODER_DEVICES", {"cpu"})  # as on CUDA, with an exact emulation
+    got = selector.pre_activations(hidden)
+    assert selector._split is not None and selector._split[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
+    parts = selector._split[1].float()
+    one_part = (hidden.float() @ parts[:, :HIDDEN].T + selector._split[2] - expected).abs().max()
+    assert one_part > 100 * (got - expected).abs().max()  # the lower parts matter: a bfloat16 encoder is far off
+    with torch.no_grad():
+        sae.W_enc.mul_(2)  # a changed encoder is split again
+    changed = selector.pre_activations(hidden)
+    monkeypatch.setattr(active_latents, "SPLIT_ENCODER_DEVICES", set())
+    torch.testing.assert_close(changed, selector.pre_activations(hidden), atol=1e-5, rtol=1e-6)
+    assert selector_for(sae).pre_activations(hidden.float()).dtype == torch.float32  # float32 input: plain product
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_a_bfloat16_model_trains_the_same_through_the_split_encoder(architecture, sae_factory, input_ids,
+                                                                     monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    folder = sae_factory(architecture=architecture, hook="blocks.1.hook_resid_post")
+    plain = _splice_outputs(folder, "scale", torch.bfloat16, True, input_ids)
+    monkeypatch.setattr(active_latents, "SPLIT_ENCODER_DEVICES", {"cpu"})
+    monkeypatch.setattr(active_latents.kernels, "ON_CPU", True)  # JumpReLU compacts pre-activations, as on CUDA
+    splits = []
+    monkeypatch.setattr(active_latents, "split_bf16", lambda rows, _f=active_latents.split_bf16: splits.append(1)
+                        or _f(rows))
+    split = _splice_outputs(folder, "scale", torch.bfloat16, True, input_ids)
+    assert splits == [1]  # split once, then reused
+    for got, expected in zip(split[:2], plain[:2], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    for name in plain[2]:
+        torch.testing.assert_close(split[2][name], plain[2][name], atol=1e-6, rtol=1e-6)
