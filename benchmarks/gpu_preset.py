@@ -317,20 +317,36 @@ def equality(hidden: torch.Tensor, sae_path: str, device: str) -> dict[str, floa
     return out
 
 
+def _pre_activations_in_halves(self: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The float32 encoder product summed in another order (two halves of d_in): the floor of rounding changes."""
+    sae = self.sae
+    x = sae.process_sae_in(hidden)
+    half = x.shape[-1] // 2
+    pre = torch.addmm(sae.b_enc, x[:, :half], sae.W_enc[:half]).addmm_(x[:, half:], sae.W_enc[half:])
+    return sae.hook_sae_acts_pre(pre)
+
+
 def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor], device: str) -> dict[str, Any]:
-    """What TF32 and a bf16 SAE change: the splice's delta, and a scale adapter trained for 20 steps."""
+    """What the split encoder product, TF32 and a bf16 SAE change: the splice's delta, and a scale adapter trained for
+    20 steps. ``batches`` must not include the batch the JumpReLU thresholds were set on (each threshold is one of its
+    pre-activations exactly, so any rounding would flip it there). "fp32, other summation order" (the float32 product
+    summed over two halves of d_in) is the floor any change of summation order sets."""
     from peft_isaerft.components import residual_delta
 
     hidden = residual(model, batches[0], layer)
     d_sae = load_sae(SAEReference(path=sae_path), device=device).cfg.d_sae
     scale = torch.randn(d_sae, device=device, generator=torch.Generator(device=device).manual_seed(0)) * 0.5
     # the reference is the plain float32 encoder product; "split" is the default for bfloat16 models on CUDA
-    variants = {"fp32": {"split": False}, "fp32 again": {"split": False}, "split bf16 encoder (default)": {},
+    variants = {"fp32": {"split": False}, "fp32 again": {"split": False},
+                "fp32, other summation order": {"split": False, "halves": True}, "split bf16 encoder (default)": {},
                 "sae_tf32": {"sae_tf32": True}, "sae_dtype bf16": {"sae_dtype": "bfloat16"}}
     deltas, adapters = {}, {}
+    plain_pre_activations = active_latents.LatentSelector.pre_activations
     for name, options in variants.items():
         options = dict(options)
         active_latents.SPLIT_ENCODER_DEVICES = {"cuda"} if options.pop("split", True) else set()
+        active_latents.LatentSelector.pre_activations = (_pre_activations_in_halves if options.pop("halves", False)
+                                                         else plain_pre_activations)
         sae = load_sae(SAEReference(path=sae_path), device=device, dtype=options.get("sae_dtype"))
         selector = selector_for(sae, tf32=options.get("sae_tf32", False))
         # the hidden states are a bfloat16 model's (exact in bfloat16): the selector sees them as the model hands them
@@ -345,6 +361,7 @@ def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor]
         adapters[name] = next(p for n, p in peft_model.named_parameters() if "isaerft_scale" in n).detach().float()
         model = release(peft_model)
     active_latents.SPLIT_ENCODER_DEVICES = {"cuda"}
+    active_latents.LatentSelector.pre_activations = plain_pre_activations
     reference_delta, reference_adapter = deltas["fp32"], adapters["fp32"]
     top = set(reference_adapter.abs().topk(20).indices.tolist())
     result = {}
@@ -395,7 +412,7 @@ def main(quick: bool, output: Path, device: str) -> None:
     equal = equality(probe, one[0], device)
     syncs = synchronisations(model, one, batches[0], device)
     profile_step(model, one, batches[0], device, output.with_name(output.stem + "_profile.txt"))
-    precise = precision(model, one[0], shapes.one_layer, batches[:5] * 4, device)
+    precise = precision(model, one[0], shapes.one_layer, batches[1:6] * 4, device)  # thresholds came from batches[0]
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
               "torch": torch.__version__, "shapes": asdict(shapes), "rows": rows, "encoder_s": encoder,
               "synchronisations": syncs, "precision": precise,
