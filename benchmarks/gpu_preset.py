@@ -80,7 +80,7 @@ METHODS = [
     Method("bias", "bias"),
     Method("scale", "scale"),
     Method("scale, dense autograd", "scale", options={"sparse": False}),
-    Method("scale, float32 encoder product", "scale", options={"split": False}),
+    Method("scale, float32 encoder product", "scale", options={"sae_split_encoder": False}),
     Method("scale, PyTorch ops (no Triton)", "scale", options={"triton": False}),
     Method("scale, dense active dots", "scale", options={"active_dots": "dense", "triton": False}),
     Method("scale, sae_tf32", "scale", options={"sae_tf32": True}),
@@ -90,13 +90,13 @@ METHODS = [
     Method("latent_map", "latent_map"),
     Method("scale 65k", "scale", wide=True),
     Method("scale 65k, dense autograd", "scale", wide=True, options={"sparse": False}),
-    Method("scale 65k, float32 encoder product", "scale", wide=True, options={"split": False}),
+    Method("scale 65k, float32 encoder product", "scale", wide=True, options={"sae_split_encoder": False}),
     Method("scale 65k, sae_tf32", "scale", wide=True, options={"sae_tf32": True}),
     Method("scale 65k, sae_dtype bf16", "scale", wide=True, options={"sae_dtype": "bfloat16"}),
     Method("bias x4", "bias", four=True),
     Method("scale x4", "scale", four=True),
     Method("scale x4, dense autograd", "scale", four=True, options={"sparse": False}),
-    Method("scale x4, float32 encoder product", "scale", four=True, options={"split": False}),
+    Method("scale x4, float32 encoder product", "scale", four=True, options={"sae_split_encoder": False}),
     Method("scale x4, sae_tf32", "scale", four=True, options={"sae_tf32": True}),
     Method("scale x4, sae_dtype bf16", "scale", four=True, options={"sae_dtype": "bfloat16"}),
 ]
@@ -162,7 +162,6 @@ def attach(model: Any, method: Method, saes: list[str]) -> Any:
     sparse = options.pop("sparse", True)
     components.ACTIVE_DOT_METHOD = options.pop("active_dots", "gather")
     kernels.ENABLED = options.pop("triton", True)
-    active_latents.SPLIT_ENCODER_DEVICES = {"cuda"} if options.pop("split", True) else set()
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": p} for p in saes], component=method.component,
                                                      init_weights=False, **options))
     for module in peft_model.modules():
@@ -337,18 +336,18 @@ def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor]
     d_sae = load_sae(SAEReference(path=sae_path), device=device).cfg.d_sae
     scale = torch.randn(d_sae, device=device, generator=torch.Generator(device=device).manual_seed(0)) * 0.5
     # the reference is the plain float32 encoder product; "split" is the default for bfloat16 models on CUDA
-    variants = {"fp32": {"split": False}, "fp32 again": {"split": False},
-                "fp32, other summation order": {"split": False, "halves": True}, "split bf16 encoder (default)": {},
+    variants = {"fp32": {"sae_split_encoder": False}, "fp32 again": {"sae_split_encoder": False},
+                "fp32, other summation order": {"sae_split_encoder": False, "halves": True},
+                "split bf16 encoder (default)": {},
                 "sae_tf32": {"sae_tf32": True}, "sae_dtype bf16": {"sae_dtype": "bfloat16"}}
     deltas, adapters = {}, {}
     plain_pre_activations = active_latents.LatentSelector.pre_activations
     for name, options in variants.items():
         options = dict(options)
-        active_latents.SPLIT_ENCODER_DEVICES = {"cuda"} if options.pop("split", True) else set()
         active_latents.LatentSelector.pre_activations = (_pre_activations_in_halves if options.pop("halves", False)
                                                          else plain_pre_activations)
         sae = load_sae(SAEReference(path=sae_path), device=device, dtype=options.get("sae_dtype"))
-        selector = selector_for(sae, tf32=options.get("sae_tf32", False))
+        selector = selector_for(sae, tf32=options.get("sae_tf32", False), split=options.get("sae_split_encoder", True))
         # the hidden states are a bfloat16 model's (exact in bfloat16): the selector sees them as the model hands them
         with torch.no_grad():
             deltas[name] = residual_delta(sae.encode, sae.W_dec, hidden, scale, None,
@@ -360,7 +359,6 @@ def precision(model: Any, sae_path: str, layer: int, batches: list[torch.Tensor]
         train_steps(peft_model, batches, device, lr=1e-2)
         adapters[name] = next(p for n, p in peft_model.named_parameters() if "isaerft_scale" in n).detach().float()
         model = release(peft_model)
-    active_latents.SPLIT_ENCODER_DEVICES = {"cuda"}
     active_latents.LatentSelector.pre_activations = plain_pre_activations
     reference_delta, reference_adapter = deltas["fp32"], adapters["fp32"]
     top = set(reference_adapter.abs().topk(20).indices.tolist())

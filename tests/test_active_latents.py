@@ -203,3 +203,13 @@ def test_a_bfloat16_model_trains_the_same_through_the_split_encoder(architecture
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     for name in plain[2]:
         torch.testing.assert_close(split[2][name], plain[2][name], atol=1e-6, rtol=1e-6)
+
+
+def test_sae_split_encoder_is_validated_and_reaches_the_selector(sae_factory) -> None:
+    folder = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
+    with pytest.raises(ValueError, match="sae_split_encoder must be True or False"):
+        ISaeRFTConfig(saes=[{"path": str(folder)}], sae_split_encoder="no")
+    for split in (True, False):
+        peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}],
+                                                                       sae_split_encoder=split))
+        assert peft_model.base_model.model.model.layers[1].isaerft_splices["default"].selector.split is split

@@ -41,9 +41,11 @@ class Splice:
     to False to use plain autograd over dense latents instead."""
     tf32: bool = False
     """Run the SAE encoder's float32 matmuls in TF32 on CUDA (``ISaeRFTConfig.sae_tf32``)."""
+    split: bool = True
+    """The split bfloat16 encoder product for bfloat16 models on CUDA (``ISaeRFTConfig.sae_split_encoder``)."""
 
     def __post_init__(self) -> None:
-        self.selector = selector_for(self.sae, tf32=self.tf32)
+        self.selector = selector_for(self.sae, tf32=self.tf32, split=self.split)
         self.sparse_backward = self.sparse_backward and self.selector is not None
 
     def encoder_rows(self) -> torch.Tensor:

@@ -82,7 +82,8 @@ class ISaeRFTModel(BaseTuner):
             if device is not None and sae.W_dec.device != device:
                 sae.to(device)
             mask = config.latent_mask(index, hook, sae.cfg.d_sae, reference.label)
-            splices.append((Splice(point, reference, index, component, sae, tf32=config.sae_tf32), mask))
+            splices.append((Splice(point, reference, index, component, sae, tf32=config.sae_tf32,
+                                   split=config.sae_split_encoder), mask))
         config.sae_fingerprints = fingerprints
         return splices
 
