@@ -6,7 +6,7 @@
     python benchmarks/speed.py --single scale        # one method of the CPU headline cell, alone in its process
 
 ``--single`` is for whole-process figures (peak resident memory, wall time), each method in its own process, e.g.
-``farm-bench --vs 'python benchmarks/speed.py --single lora' -- python benchmarks/speed.py --single scale``.
+run ``/usr/bin/time -v python benchmarks/speed.py --single lora`` and ``... --single scale`` in turn, several times.
 The GPU preset is described in ``benchmarks/gpu_preset.py``.
 
 Model: Llama-style, d_model 512, 8 layers; TopK SAEs (k = 64) at the middle layer (1 SAE) or at layers 1, 3, 5, 7
