@@ -241,7 +241,11 @@ class Clamp(Component):
         effect = gate.abs() * (target - typical).abs() * decoder_norms
 
         def detail(latent: int) -> str:
-            return f"when above {float(threshold[latent]):.3g}, pulled to {float(target[latent]):+.3g}"
+            g, a, c = float(gate[latent]), float(threshold[latent]), float(target[latent])
+            if g <= 1:
+                return f"when above {a:.3g}, pulled to {c:+.3g}"
+            # a gate above 1 overshoots the target: fully switched on, z -> (1 - g) z + g c
+            return f"when above {a:.3g}, z -> {1 - g:+.3g} z {g * c:+.3g} (overshoots {c:+.3g})"
 
         return [Reading("clamp", gate, effect, detail)]
 

@@ -190,3 +190,15 @@ def test_latent_map_rank_is_validated_and_only_for_the_latent_map(sae_factory) -
             ISaeRFTConfig(saes=[{"path": folder}], component="latent_map", latent_map_rank=bad)
     with pytest.raises(ValueError, match="only applies to component='latent_map'"):
         ISaeRFTConfig(saes=[{"path": folder}], component="scale", latent_map_rank=4)
+
+
+def test_a_clamp_gate_above_one_reads_as_the_map_it_applies() -> None:
+    gate, threshold, target = torch.tensor([0.5, 3.0]), torch.tensor([0.4, -0.2]), torch.tensor([-2.0, -1.0])
+    params = dict(zip(("clamp_gate", "clamp_threshold", "clamp_target"),
+                      (gate, threshold, target), strict=True))
+    reading = Clamp().readings(params, torch.ones(2), None)[0]
+    assert reading.detail(0) == "when above 0.4, pulled to -2"
+    assert reading.detail(1) == "when above -0.2, z -> -2 z -3 (overshoots -1)"
+    z = torch.tensor([5.0])  # fully switched on, the edit is what the reading says
+    edited = z + Clamp().edit(z, gate[1:], torch.tensor([-1e4]), target[1:])
+    torch.testing.assert_close(edited, -2 * z - 3)
