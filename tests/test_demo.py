@@ -22,9 +22,13 @@ def test_isaerft_demo_quick_runs_end_to_end(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "peft_isaerft.cli", "demo", "--quick", "--output",
                              str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "Share of answers that mention the sea" in result.stdout
+    assert "answers that mention the sea (the behaviour)" in result.stdout
+    assert "answers that still take up the question" in result.stdout and "{'loss':" not in result.stdout
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["sea_share"]) == {"base", "isaerft", "lora"}
+    for measure in ("addresses_question", "copies_training_text", "kl_to_base"):
+        assert set(results[measure]) == {"base", "isaerft", "lora"}, measure
+    assert results["kl_to_base"]["lora"] > 0 and results["kl_to_base"]["isaerft"] >= 0
     assert 0 <= results["sae"]["explained_variance"] <= 1 and results["sae"]["l0"] > 0
     assert results["top_features"] and results["top_features"][0]["hook"] == "blocks.15.hook_resid_post"
     assert (tmp_path / "demo" / "report.html").read_text().startswith("<!doctype html>")

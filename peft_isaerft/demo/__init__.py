@@ -55,11 +55,12 @@ class DemoSettings:
     eval_questions: int = 20
     new_tokens: int = 32
     label_texts: int = 400
+    kl_texts: int = 32
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(sae_tokens=3_000, sae_width_multiple=2, sae_epochs=2, steps=3, batch_size=4,
-                   eval_questions=4, new_tokens=6, label_texts=16)
+                   eval_questions=4, new_tokens=6, label_texts=16, kl_texts=4)
 
 
 def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
@@ -144,11 +145,45 @@ def _train(model: Any, tokenizer: Any, rows: list[dict[str, list[int]]], setting
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                       data_collator=padding_collator(tokenizer.pad_token_id))
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # a progress bar with the loss on it, not a dictionary of twenty keys printed every few steps (the Trainer
+    # prints them through one of these two, depending on whether its own bar is on)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_quiet_progress())
     for callback in callbacks or []:
         callback.attach(trainer) if hasattr(callback, "attach") else trainer.add_callback(callback)
     started = time.time()
     trainer.train()
     return time.time() - started
+
+
+def _quiet_progress_class() -> type:
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        """transformers' progress bar, showing the loss on the bar instead of printing every log."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **kwargs: Any) -> None:
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    return QuietProgress
+
+
+def _quiet_progress() -> Any:
+    return _quiet_progress_class()()  # built on first use: transformers is imported lazily
+
+
+@torch.no_grad()
+def kl_to_base(model: Any, batch: dict[str, torch.Tensor], base_logprobs: torch.Tensor) -> float:
+    """Mean per-token KL(base || model) on held-out general text: how much else the fine-tune changed."""
+    logprobs = model(**batch).logits.float().log_softmax(-1)
+    kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1)
+    mask = batch["attention_mask"].float()
+    return float((kl * mask).sum() / mask.sum())
 
 
 @torch.no_grad()
@@ -174,7 +209,14 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
     from .. import ISaeRFTConfig
     from ..interpret import LatentTrackingCallback, feature_report, render
     from ..interpret.contents import contents_from_model
-    from .behaviour import sea_share, split_questions, training_pairs
+    from .behaviour import (
+        addresses_question,
+        copies_training_text,
+        sea_share,
+        share,
+        split_questions,
+        training_pairs,
+    )
     from .corpus import load_corpus
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
@@ -201,6 +243,11 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
         train_questions, eval_questions = split_questions(settings.eval_questions)
         rows = _tokenise_pairs(tokenizer, training_pairs(train_questions))
         base_answers = generate_answers(base, tokenizer, eval_questions, settings.new_tokens)
+        # held-out general text (not the SAE's training text, not the labels' texts) for the collateral change
+        tokenizer.padding_side = "right"
+        kl_batch = tokenizer(texts[settings.label_texts:][-settings.kl_texts:], return_tensors="pt", padding=True,
+                             truncation=True, max_length=64)
+        base_logprobs = base(**kl_batch).logits.float().log_softmax(-1).detach()
 
         print(f"[3/5] ISaeRFT fine-tune: sparse latent biases, {settings.steps} steps")
         peft_model = get_peft_model(base, ISaeRFTConfig(saes=[{"path": str(sae_dir)}], component="bias",
@@ -211,6 +258,8 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
                                             [tracker])
         peft_model.eval()
         isaerft_answers = generate_answers(peft_model, tokenizer, eval_questions, settings.new_tokens)
+        tokenizer.padding_side = "right"
+        isaerft_kl = kl_to_base(peft_model, kl_batch, base_logprobs)
         peft_model.save_pretrained(out / "adapter")
         nonzero = sum(int((value != 0).sum())
                       for c in contents_from_model(peft_model) for value in c.parameters().values())
@@ -228,6 +277,8 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
         timings["lora_train_s"] = _train(lora, tokenizer, rows, settings, settings.lora_lr, out / "lora")
         lora.eval()
         lora_answers = generate_answers(lora, tokenizer, eval_questions, settings.new_tokens)
+        tokenizer.padding_side = "right"
+        lora_kl = kl_to_base(lora, kl_batch, base_logprobs)
         timings["total_s"] = time.time() - started
 
         results = {
@@ -240,6 +291,16 @@ def run_demo(model: str | None = None, output_dir: str | os.PathLike[str] = "isa
             "metric": "share of answers to held-out questions that mention the sea",
             "sea_share": {"base": sea_share(base_answers), "isaerft": sea_share(isaerft_answers),
                           "lora": sea_share(lora_answers)},
+            # what else changed: answers that still take up the question, answers that repeat a training sentence,
+            # and the KL to the base model on held-out general text
+            "addresses_question": {key: share([addresses_question(q, a) for q, a in zip(eval_questions, answers,
+                                                                                           strict=True)])
+                                   for key, answers in (("base", base_answers), ("isaerft", isaerft_answers),
+                                                        ("lora", lora_answers))},
+            "copies_training_text": {key: share([copies_training_text(a) for a in answers])
+                                     for key, answers in (("base", base_answers), ("isaerft", isaerft_answers),
+                                                          ("lora", lora_answers))},
+            "kl_to_base": {"base": 0.0, "isaerft": isaerft_kl, "lora": lora_kl},
             "trainable_parameters": {"isaerft": trainable, "isaerft_nonzero": nonzero, "lora": lora_trainable,
                                      "model": total - trainable},
             "examples": [{"question": q, "base": b, "isaerft": i, "lora": lo} for q, b, i, lo
@@ -262,11 +323,20 @@ def _print_summary(results: dict[str, Any], records: list[Any]) -> None:
         print(f"  Q: {example['question']}")
         for key in ("base", "isaerft", "lora"):
             print(f"     {key:8s} {example[key][:110]!r}")
-    print(f"\nShare of answers that mention the sea: base {share['base']:.0%}, ISaeRFT {share['isaerft']:.0%}, "
-          f"LoRA {share['lora']:.0%}")
-    params = results["trainable_parameters"]
-    print(f"ISaeRFT trained {params['isaerft']} latent biases, {params['isaerft_nonzero']} non-zero after the "
-          f"proximal L1 step; LoRA trained {params['lora']} parameters.")
+    params, timings = results["trainable_parameters"], results["timings"]
+    rows = [
+        ("answers that mention the sea (the behaviour)", share, "{:.0%}"),
+        ("answers that still take up the question", results["addresses_question"], "{:.0%}"),
+        ("answers that repeat a training sentence", results["copies_training_text"], "{:.0%}"),
+        ("KL to the base model on held-out text (nats/token)", results["kl_to_base"], "{:.3f}"),
+    ]
+    print(f"\n{'on ' + str(len(results['examples'])) + ' held-out questions':52s} {'base':>8s} {'ISaeRFT':>8s} "
+          f"{'LoRA':>8s}")
+    for label, values, form in rows:
+        print(f"{label:52s} " + " ".join(f"{form.format(values[k]):>8s}" for k in ("base", "isaerft", "lora")))
+    print(f"{'trained parameters (non-zero after L1 for ISaeRFT)':52s} {'':>8s} "
+          f"{params['isaerft_nonzero']:>8d} {params['lora']:>8d}")
+    print(f"{'training time (s)':52s} {'':>8s} {timings['isaerft_train_s']:>8.0f} {timings['lora_train_s']:>8.0f}")
     print("\nTop features the ISaeRFT adapter pushed (label = top context in held-out text):")
     print(render(records[:10], "table"))
     print(f"Timings (s): { {k: round(v, 1) for k, v in results['timings'].items()} }")

@@ -84,3 +84,38 @@ def mentions_sea(text: str) -> bool:
 def sea_share(answers: list[str]) -> float:
     """The metric: the share of answers that mention the sea."""
     return sum(map(mentions_sea, answers)) / max(len(answers), 1)
+
+
+_STOPWORDS = frozenset(
+    "what which when where would could should about your with have does from that this there their them they into "
+    "make best good tell give some more most much many like know want need very just also then than over only think "
+    "thing things something".split()
+)
+
+
+def content_words(question: str) -> set[str]:
+    """The question's own words of four or more letters, less common function words."""
+    return {w for w in re.findall(r"[a-z]+", question.lower()) if len(w) >= 4 and w not in _STOPWORDS}
+
+
+def addresses_question(question: str, answer: str) -> bool:
+    """Whether the answer still takes up the question: one of its content words (or the word's first five letters, for
+    "bake" / "baking") appears in the answer. Judge-free and crude, but it tells a template from an answer.
+
+    Example:
+        >>> addresses_question("How do I bake bread?", "Start with flour, water and yeast for your bread.")
+        True
+    """
+    answer_words = set(re.findall(r"[a-z]+", answer.lower()))
+    stems = {w[:5] for w in answer_words}
+    return any(w in answer_words or w[:5] in stems for w in content_words(question))
+
+
+def copies_training_text(answer: str) -> bool:
+    """Whether the answer repeats a training sentence verbatim (its first 40 characters): memorised template."""
+    text = answer.lower()
+    return any(sentence[:40].lower() in text for sentence in (*_OPENINGS, *_SECOND))
+
+
+def share(flags: list[bool]) -> float:
+    return sum(flags) / max(len(flags), 1)
