@@ -51,27 +51,6 @@ def test_a_fresh_clamp_adapter_is_the_identity(sae_factory, input_ids) -> None:
         torch.testing.assert_close(peft_model(input_ids).logits, base, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
-def test_clamp_changes_the_residual_by_its_edit_times_the_decoder(architecture, sae_factory, input_ids) -> None:
-    model = make_model("llama")
-    folder = sae_factory(architecture=architecture, hook="blocks.1.hook_resid_post")
-    sae = SAE.load_from_disk(str(folder))
-    with torch.no_grad():
-        h = _hidden_after_layer(model, input_ids)
-    peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], component="clamp",
-                                                     init_weights=False))
-    layer = peft_model.base_model.model.model.layers[1]
-    params = layer.adapter_parameters("default")
-    gate, threshold, target = (params[p.name] for p in Clamp.parameters)
-    with torch.no_grad():
-        z = sae.encode(h)
-        edited = z + (z > 0) * gate * torch.sigmoid(Clamp.sharpness * (z - threshold)) * (target - z)
-        expected = h + (sae.decode(edited) - sae.decode(z))
-        got = _hidden_after_layer(peft_model, input_ids)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert (got - h).abs().max() > 1e-3  # the random clamp does act
-
-
 def test_clamp_trains_with_l1_on_the_gate_only_saves_reads_and_refuses_to_merge(sae_factory, tmp_path,
                                                                                  input_ids) -> None:
     folder = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
@@ -122,23 +101,32 @@ def test_a_fresh_latent_map_is_the_identity_with_a_random_source_side(sae_factor
         torch.testing.assert_close(peft_model(input_ids).logits, base, atol=1e-5, rtol=0)
 
 
+def _edited_latents(component: str, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """f(z), written out from each component's definition."""
+    if component == "clamp":
+        gate, threshold, target = (params[p.name] for p in Clamp.parameters)
+        return z + (z > 0) * gate * torch.sigmoid(Clamp.sharpness * (z - threshold)) * (target - z)
+    return z + z @ LatentMap().edges(params).T  # latent map: f(z)_j = z_j + sum_i W[j, i] z_i
+
+
+@pytest.mark.parametrize("component", ["clamp", "latent_map"])
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
-def test_latent_map_changes_the_residual_by_its_edges_times_the_decoder(architecture, sae_factory, input_ids) -> None:
+def test_component_changes_the_residual_by_its_edit_times_the_decoder(component, architecture, sae_factory,
+                                                                       input_ids) -> None:
     model = make_model("llama")
     folder = sae_factory(architecture=architecture, hook="blocks.1.hook_resid_post")
     sae = SAE.load_from_disk(str(folder))
     with torch.no_grad():
         h = _hidden_after_layer(model, input_ids)
-    peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], component="latent_map",
+    peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(folder)}], component=component,
                                                      init_weights=False))
     params = peft_model.base_model.model.model.layers[1].adapter_parameters("default")
     with torch.no_grad():
         z = sae.encode(h)
-        edited = z + z @ LatentMap().edges(params).T  # f(z)_j = z_j + sum_i W[j, i] z_i
-        expected = h + (sae.decode(edited) - sae.decode(z))
+        expected = h + (sae.decode(_edited_latents(component, params, z)) - sae.decode(z))
         got = _hidden_after_layer(peft_model, input_ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert (got - h).abs().max() > 1e-3
+    assert (got - h).abs().max() > 1e-3  # the random component does act
 
 
 def test_latent_map_trains_sparse_edges_saves_reads_them_labelled_and_refuses_to_merge(sae_factory, tmp_path,
