@@ -49,8 +49,10 @@ class DemoSettings:
     sae_epochs: int = 6
     steps: int = 40
     batch_size: int = 8
-    isaerft_lr: float = 0.2
-    l1_coeff: float = 2e-3
+    isaerft_lr: float = 0.5
+    l1_coeff: float = 1e-3
+    """Tuned so the behaviour reaches >= 80% of LoRA's (85% of answers against LoRA's 100%) with less collateral change
+    than LoRA; lr 0.2 with l1 2e-3 changes less (55% of answers, 60% still on the question, KL 0.30)."""
     lora_lr: float = 2e-3
     eval_questions: int = 20
     new_tokens: int = 32
