@@ -41,6 +41,14 @@ def _hidden_after_layer(model, input_ids, layer: int = 1) -> torch.Tensor:
     return seen[0]
 
 
+def _save_and_reload_gives_the_same_logits(model, folder, input_ids) -> None:
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        loaded = PeftModel.from_pretrained(make_model("llama"), folder)
+        torch.testing.assert_close(loaded(input_ids).logits, expected)
+
+
 def test_a_fresh_clamp_adapter_is_the_identity(sae_factory, input_ids) -> None:
     model = make_model("llama")
     with torch.no_grad():
@@ -70,12 +78,7 @@ def test_clamp_trains_with_l1_on_the_gate_only_saves_reads_and_refuses_to_merge(
         optimizer.step()
         optimizer.zero_grad()
     assert (layer.isaerft_clamp_gate["default"] >= 0).all()  # the gate is projected onto >= 0 after every step
-    model.save_pretrained(tmp_path / "adapter")
-    with torch.no_grad():
-        expected = model(input_ids).logits
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids).logits, expected)
+    _save_and_reload_gives_the_same_logits(model, tmp_path / "adapter", input_ids)
     records = feature_report(tmp_path / "adapter", top_k=5)
     assert records and {r.param for r in records} == {"clamp"}
     assert records[0].detail.startswith("when above") and "pulled to" in records[0].detail
@@ -148,12 +151,7 @@ def test_latent_map_trains_sparse_edges_saves_reads_them_labelled_and_refuses_to
             assert source.abs().min() > 0
     live_targets = int((target != 0).any(-1).sum())
     assert 0 < live_targets < target.shape[0]  # the L1 step left a few target latents, not all
-    model.save_pretrained(tmp_path / "adapter")
-    with torch.no_grad():
-        expected = model(input_ids).logits
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids).logits, expected)
+    _save_and_reload_gives_the_same_logits(model, tmp_path / "adapter", input_ids)
     key = sae_key(load_contents(tmp_path / "adapter")[0].reference)
     labels = {(key, latent): f"feature {latent}" for latent in range(target.shape[0])}
     records = feature_report(tmp_path / "adapter", top_k=5, labels=labels)
