@@ -51,6 +51,7 @@ from unlearning_items import FORGET_ITEMS, RETAIN_ITEMS
 
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
+from peft_isaerft.demo import kl_to_base
 
 logger = logging.getLogger("unlearning")
 
@@ -179,14 +180,6 @@ def mean_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * weights).sum(-1) / weights.sum(-1).clamp_min(1)
 
 
-@torch.no_grad()
-def kl_to_base(model: Any, ids: torch.Tensor, mask: torch.Tensor, base_logprobs: torch.Tensor) -> float:
-    """Mean per-token KL(base || model) on held-out general text."""
-    logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-    kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1)
-    return float((kl * mask).sum() / mask.sum())
-
-
 class Evaluation:
     """Scores a model on the kept items and the KL text, against the base model."""
 
@@ -212,7 +205,8 @@ class Evaluation:
             chosen = torch.tensor([v.topic == topic for v in self.kept])
             accuracy[topic] = float(right[chosen].float().mean()) if chosen.any() else float("nan")
         return {"forget_score": 1 - accuracy["forget"], "retain_accuracy": accuracy["retain"],
-                "kl": kl_to_base(model, self.kl_ids, self.kl_mask, self.base_logprobs)}
+                "kl": kl_to_base(model, {"input_ids": self.kl_ids, "attention_mask": self.kl_mask},
+                                 self.base_logprobs)}
 
     def keeps_retain(self, scores: dict[str, float]) -> bool:
         return scores["retain_accuracy"] >= self.settings.retain_floor

@@ -107,6 +107,22 @@ class SpliceInputs:
     select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     encoder_rows: torch.Tensor | None = None
 
+    @property
+    def sparse(self) -> bool:
+        """Whether to work on each token's active latents (a selector and the encoder rows are given)."""
+        return self.select is not None and self.encoder_rows is not None
+
+    def flat(self, dtype: torch.dtype) -> torch.Tensor:
+        """The hidden states as ``tokens x d_in`` in ``dtype`` (the SAE's)."""
+        return self.hidden.to(dtype).reshape(-1, self.hidden.shape[-1])
+
+    def active_latents(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(active, values, indices)``: each token's active latents, ``active`` differentiable with respect to
+        ``flat`` through the encoder rows (:class:`ActiveValues`)."""
+        # the selector gets the hidden states in their own dtype (a bfloat16 model's allow the split encoder product)
+        values, indices = self.select(self.hidden.reshape(flat.shape).detach())
+        return ActiveValues.apply(flat, values, indices, self.encoder_rows), values, indices
+
 
 class Component:
     """One kind of latent edit. Subclasses set the class attributes and implement :meth:`delta`.
@@ -214,14 +230,10 @@ class Clamp(Component):
     merge_refusal = "a clamp depends on each token's activation, so it is not a fixed change of any weight"
 
     def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
-        compute_dtype = inputs.decoder.dtype
-        hidden = inputs.hidden.to(compute_dtype)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        gate, threshold, target = (params[n].to(compute_dtype) for n in self.parameter_names)
-        if inputs.select is not None and inputs.encoder_rows is not None:
-            # the selector gets the hidden states in their own dtype (a bfloat16 model's allow a faster exact encoder)
-            values, indices = inputs.select(inputs.hidden.reshape(flat.shape).detach())
-            active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
+        flat = inputs.flat(inputs.decoder.dtype)
+        gate, threshold, target = (params[n].to(flat.dtype) for n in self.parameter_names)
+        if inputs.sparse:
+            active, values, indices = inputs.active_latents(flat)
             weights = self.edit(active, gate[indices], threshold[indices], target[indices])
             delta = SparseDecode.apply(weights, indices, values, inputs.decoder)
         else:
@@ -276,13 +288,10 @@ class LatentMap(Component):
     targets_per_block = 1024
 
     def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
-        compute_dtype = inputs.decoder.dtype
-        flat = inputs.hidden.to(compute_dtype).reshape(-1, inputs.hidden.shape[-1])
-        source, target = (params[n].to(compute_dtype) for n in self.parameter_names)
-        if inputs.select is not None and inputs.encoder_rows is not None:
-            # the selector gets the hidden states in their own dtype (a bfloat16 model's allow a faster exact encoder)
-            values, indices = inputs.select(inputs.hidden.reshape(flat.shape).detach())
-            active = ActiveValues.apply(flat, values, indices, inputs.encoder_rows)
+        flat = inputs.flat(inputs.decoder.dtype)
+        source, target = (params[n].to(flat.dtype) for n in self.parameter_names)
+        if inputs.sparse:
+            active, _values, indices = inputs.active_latents(flat)
             channels = torch.nn.functional.embedding_bag(indices, source, per_sample_weights=active, mode="sum")
         else:
             channels = inputs.encode(flat) @ source
