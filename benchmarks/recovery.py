@@ -162,22 +162,37 @@ def precision(ranking: list[int], planted: list[int]) -> float:
     return len(set(ranking[: len(planted)]) & set(planted)) / len(planted)
 
 
+def planted_scale_latents(base_z: torch.Tensor, k: int, band: str, generator: torch.Generator) -> list[int]:
+    """k latents to scale. ``frequent``: among the 4k (at least 40) latents that fire most; ``mid``: among those that
+    fire on 1 to 15 % of the tokens after the first and carry less than half their activation on the first token (on
+    SmolLM2 the most frequent latents include attention-sink latents of activation 1000 and more on token 0, which
+    no realistic fine-tune scales). A scale of a silent latent changes nothing and nobody could recover it."""
+    by_sequence = base_z.reshape(-1, base_z.shape[-2], base_z.shape[-1])  # sequences x tokens x d_sae
+    if band == "frequent":
+        rate = (by_sequence > 0).float().mean((0, 1))
+        candidates = rate.argsort(descending=True)[: max(4 * k, 40)]
+        candidates = candidates[rate[candidates] > 0]
+    else:
+        later_rate = (by_sequence[:, 1:] > 0).float().mean((0, 1))
+        first_share = by_sequence[:, 0].sum(0) / by_sequence.sum((0, 1)).clamp_min(1e-12)
+        candidates = ((later_rate >= 0.01) & (later_rate <= 0.15) & (first_share < 0.5)).nonzero().flatten()
+    return candidates[torch.randperm(len(candidates), generator=generator)[:k]].tolist()
+
+
 def run_cell(subject: Subject, component: str, k: int, seed: int, settings: AuditSettings, folder: Path,
-             n_sequences: int, length: int, with_lora: bool = True) -> dict[str, Any]:
+             sizes: list[int], length: int, with_lora: bool = True, band: str = "frequent") -> list[dict[str, Any]]:
+    """One planted teacher, audited on the first n of its sampled sequences for each n in ``sizes`` (LoRA: on the
+    largest only). One result per size."""
     sae = SAE.load_from_disk(str(subject.sae_path))
     decoder = sae.W_dec.detach()
     d_sae = decoder.shape[0]
     base = subject.fresh_model().eval()
-    reference_ids = sample(base, n_sequences, length, seed + 7, subject.prompts)
+    reference_ids = sample(base, 256, length, seed + 7, subject.prompts)
     base_residual = residual(base, reference_ids, subject.hook)
     base_z = sae.encode(base_residual)
     generator = torch.Generator().manual_seed(seed)
     if component == "scale":
-        # among the latents that fire most: a scale of a silent latent changes nothing and nobody can recover it
-        rate = (base_z > 0).float().mean(0)
-        candidates = rate.argsort(descending=True)[: max(4 * k, 40)]
-        candidates = candidates[rate[candidates] > 0]
-        latents = candidates[torch.randperm(len(candidates), generator=generator)[:k]].tolist()
+        latents = planted_scale_latents(base_z.reshape(len(reference_ids), length, d_sae), k, band, generator)
         strength = 2.0
     else:
         latents = torch.randperm(d_sae, generator=generator)[:k].tolist()
@@ -186,55 +201,61 @@ def run_cell(subject: Subject, component: str, k: int, seed: int, settings: Audi
         # tokens of 100x the norm)
         strength = float(base_residual.norm(dim=-1).median()) / 3
     teacher = plant(subject.fresh_model(), subject.sae_path, component, latents, strength)
-    audit_ids = sample(teacher, n_sequences, length, seed + 11, subject.prompts)
-    # loss on the teacher's tokens only, as the audit's prompt/completion rows do: fitting the prompt tokens too
-    # would pull every fit (audit and LoRA alike) towards what the teacher did not write
-    rows = [{"input_ids": row.tolist(), "labels": [-100] * PROMPT_LENGTH + row[PROMPT_LENGTH:].tolist()}
-            for row in audit_ids]
-    timings = {}
-
-    start = time.perf_counter()
-    audited, _ = fit_adapter_on_tokens(subject.fresh_model(), [{"path": str(subject.sae_path)}], rows, settings,
-                                       folder / "trainer", progress=False)
-    records = feature_report(audited, top_k=10 * k)
-    ranking = list(dict.fromkeys(r.latent for r in records))
-    timings["audit_s"] = time.perf_counter() - start
-    del audited
-
-    # (a) dataset diffing
-    base_audit_residual = residual(base, audit_ids, subject.hook)
-    base_on_audit = sae.encode(base_audit_residual).mean(0)
-    diffing = (base_on_audit - base_z.mean(0)).abs().argsort(descending=True).tolist()
-
-    # (b) LoRA fitted on the same data, its residual change projected onto the decoder
-    lora_scores: dict[str, float | None] = {"lora_projection": None, "lora_sparse_code": None}
-    if with_lora:
-        start = time.perf_counter()
-        lora = fit_lora(subject.fresh_model(), rows, settings, subject.lora_targets)
-        delta = (residual(lora, audit_ids, subject.hook) - base_audit_residual).mean(0)
-        del lora
-        projection = decoder @ delta
-        lora_scores["lora_projection"] = precision(projection.abs().argsort(descending=True).tolist(), latents)
-        # the same change sparse-coded as the audit codes its steering vector (ties among zeros: by projection)
-        code, _ = sparse_code(delta, decoder, settings.l1, nonnegative=settings.nonnegative_bias)
-        by_projection = projection.abs().argsort(descending=True)
-        lora_scores["lora_sparse_code"] = precision(
-            by_projection[code[by_projection].argsort(descending=True, stable=True)].tolist(), latents)
-        timings["lora_s"] = time.perf_counter() - start
-
-    # (c) model diffing with the teacher
-    teacher_z = sae.encode(residual(teacher, audit_ids, subject.hook)).mean(0)
-    model_diff = (teacher_z - base_on_audit).abs().argsort(descending=True).tolist()
-
+    all_audit_ids = sample(teacher, max(sizes), length, seed + 11, subject.prompts)
     cosines = decoder[latents] @ decoder.T
     cosines[torch.arange(len(latents)), latents] = 0
-    return {
-        "arch": subject.name, "component": component, "k": k, "d_sae": d_sae,
-        "d_sae_multiple": d_sae // decoder.shape[1], "seed": seed, "planted": latents,
-        "audit": precision(ranking, latents), "dataset_diffing": precision(diffing, latents), **lora_scores,
-        "model_diffing": precision(model_diff, latents),
-        "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max()), **timings,
-    }
+    results = []
+    for n_sequences in sorted(sizes):
+        audit_ids = all_audit_ids[:n_sequences]
+        # loss on the teacher's tokens only, as the audit's prompt/completion rows do: fitting the prompt tokens too
+        # would pull every fit (audit and LoRA alike) towards what the teacher did not write
+        rows = [{"input_ids": row.tolist(), "labels": [-100] * PROMPT_LENGTH + row[PROMPT_LENGTH:].tolist()}
+                for row in audit_ids]
+        timings = {}
+
+        start = time.perf_counter()
+        audited, calibration = fit_adapter_on_tokens(subject.fresh_model(), [{"path": str(subject.sae_path)}], rows,
+                                                     settings, folder / "trainer", progress=False)
+        # ranked by effect on the audit data where the audit measured it (screened scales)
+        records = feature_report(audited, top_k=10 * k, statistics=calibration.statistics or None)
+        ranking = list(dict.fromkeys(r.latent for r in records))
+        timings["audit_s"] = time.perf_counter() - start
+        del audited
+
+        # (a) dataset diffing
+        base_audit_residual = residual(base, audit_ids, subject.hook)
+        base_on_audit = sae.encode(base_audit_residual).mean(0)
+        diffing = (base_on_audit - base_z.mean(0)).abs().argsort(descending=True).tolist()
+
+        # (b) LoRA fitted on the same data, its residual change projected onto the decoder
+        lora_scores: dict[str, float | None] = {"lora_projection": None, "lora_sparse_code": None}
+        if with_lora and n_sequences == max(sizes):
+            start = time.perf_counter()
+            lora = fit_lora(subject.fresh_model(), rows, settings, subject.lora_targets)
+            delta = (residual(lora, audit_ids, subject.hook) - base_audit_residual).mean(0)
+            del lora
+            projection = decoder @ delta
+            lora_scores["lora_projection"] = precision(projection.abs().argsort(descending=True).tolist(), latents)
+            # the same change sparse-coded as the audit codes its steering vector (ties among zeros: by projection)
+            code, _ = sparse_code(delta, decoder, settings.l1, nonnegative=settings.nonnegative_bias)
+            by_projection = projection.abs().argsort(descending=True)
+            lora_scores["lora_sparse_code"] = precision(
+                by_projection[code[by_projection].argsort(descending=True, stable=True)].tolist(), latents)
+            timings["lora_s"] = time.perf_counter() - start
+
+        # (c) model diffing with the teacher, read after its splice
+        teacher_z = sae.encode(residual(teacher, audit_ids, subject.hook)).mean(0)
+        model_diff = (teacher_z - base_on_audit).abs().argsort(descending=True).tolist()
+
+        results.append({
+            "arch": subject.name, "component": component, "k": k, "d_sae": d_sae,
+            "d_sae_multiple": d_sae // decoder.shape[1], "seed": seed, "band": band if component == "scale" else None,
+            "sequences": n_sequences, "planted": latents,
+            "audit": precision(ranking, latents), "dataset_diffing": precision(diffing, latents), **lora_scores,
+            "model_diffing": precision(model_diff, latents),
+            "audit_nonzero": len(ranking), "max_cosine_to_other_latent": float(cosines.abs().max()), **timings,
+        })
+    return results
 
 
 def fit_lora(model: Any, rows: list[dict[str, list[int]]], settings: AuditSettings, targets: list[str]) -> Any:
@@ -256,10 +277,11 @@ def fit_lora(model: Any, rows: list[dict[str, list[int]]], settings: AuditSettin
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for cell in cells:
-        groups.setdefault((cell["component"], cell["k"], cell["d_sae_multiple"]), []).append(cell)
+        groups.setdefault((cell["component"], cell["k"], cell["d_sae_multiple"], cell.get("sequences", 0)), []).append(
+            cell)
     table = []
-    for (component, k, multiple), members in sorted(groups.items()):
-        row = {"component": component, "k": k, "d_sae": f"{multiple}x", "cells": len(members)}
+    for (component, k, multiple, sequences), members in sorted(groups.items()):
+        row = {"component": component, "k": k, "d_sae": f"{multiple}x", "sequences": sequences, "cells": len(members)}
         for method in METHODS:
             scores = [m[method] for m in members if m[method] is not None]
             row[method] = statistics.mean(scores) if scores else None
@@ -281,7 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="JSON file (default benchmarks/results/recovery.json, or recovery_smollm2.json)")
     parser.add_argument("--d-model", type=int, default=None, help="width of the random models (default 128; "
                         "vocabulary: 2x)")
-    parser.add_argument("--sequences", type=int, default=256, help="sequences of 32 tokens sampled from the teacher")
+    parser.add_argument("--sequences", default=None, help="sequences of 32 tokens sampled from the teacher (default "
+                        "256; 2048 with --smollm2); several, comma-separated, audit the first n of one sample for "
+                        "each n: a curve of precision against data size (LoRA runs on the largest only)")
+    parser.add_argument("--band", choices=["frequent", "mid"], default=None,
+                        help="where planted scales are drawn from (default: frequent for the tiny models, mid on "
+                        "SmolLM2: latents firing on 1-15%% of tokens, not mostly on the first)")
     parser.add_argument("--archs", default=None, help="tiny model architectures (default llama,gpt2)")
     parser.add_argument("--components", default="bias,scale")
     parser.add_argument("--ks", default="1,3,10")
@@ -317,34 +344,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         # a scale cell, and the bias cell that the proximal recipe got wrong (GPT-2, k = 10, 32x, seed 1), on less data
         grid = [("llama", 32, "scale", 3, 0), ("gpt2", 32, "bias", 10, 1)]
-        n_sequences, length = 128, 24
+        sizes, length = [256], 24
     elif args.smollm2:
         grid = [("smollm2", 0, component, k, seed) for component, k, seed in itertools.product(components, ks, seeds)]
-        n_sequences, length = args.sequences, 32
+        sizes, length = [int(n) for n in (args.sequences or "2048").split(",")], 32
     else:
         grid = list(itertools.product((args.archs or "llama,gpt2").split(","),
                                       [int(m) for m in (args.multiples or "8,32").split(",")], components, ks, seeds))
-        n_sequences, length = args.sequences, 32
+        sizes, length = [int(n) for n in (args.sequences or "256").split(",")], 32
+    band = args.band or ("mid" if args.smollm2 else "frequent")
     real_subject = smollm2_subject() if args.smollm2 else None
     cells = []
     for arch, multiple, component, k, seed in tqdm(grid, desc="recovery cells", disable=len(grid) < 4):
         subject = real_subject or tiny_subject(arch, multiple, seed, folder)
         settings.component = component
-        cell = run_cell(subject, component, k, seed, settings, folder, n_sequences, length, with_lora=not args.no_lora)
-        cells.append(cell)
-        tqdm.write(f"{arch:7s} {component:5s} k={k:2d} d_sae={cell['d_sae_multiple']}x seed={seed}: "
-                   f"audit {cell['audit']:.2f} | diffing {cell['dataset_diffing']:.2f} | "
-                   f"LoRA {_score(cell['lora_projection'])} | LoRA coded {_score(cell['lora_sparse_code'])} | "
-                   f"model diffing {cell['model_diffing']:.2f}")
+        for cell in run_cell(subject, component, k, seed, settings, folder, sizes, length,
+                             with_lora=not args.no_lora, band=band):
+            cells.append(cell)
+            tqdm.write(f"{arch:7s} {component:5s} k={k:2d} d_sae={cell['d_sae_multiple']}x seed={seed} "
+                       f"n={cell['sequences']}: audit {cell['audit']:.2f} | diffing {cell['dataset_diffing']:.2f} | "
+                       f"LoRA {_score(cell['lora_projection'])} | LoRA coded {_score(cell['lora_sparse_code'])} | "
+                       f"model diffing {cell['model_diffing']:.2f}")
     table = summarise(cells)
-    print("\n| component | k | d_sae | cells | ISaeRFT audit | dataset diffing | LoRA projection "
+    print("\n| component | k | d_sae | sequences | cells | ISaeRFT audit | dataset diffing | LoRA projection "
           "| LoRA, sparse-coded | model diffing (teacher) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
-        print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['cells']} | "
+        print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['sequences']} | {row['cells']} | "
               + " | ".join(_score(row[method]) for method in METHODS) + " |")
     result = {"settings": asdict(settings), "subject": "smollm2" if args.smollm2 else f"tiny, d_model {D_MODEL}",
-              "sequences": n_sequences, "length": length, "cells": cells, "table": table}
+              "sequences": sizes, "length": length, "band": band, "cells": cells, "table": table}
     output = Path(args.output or f"benchmarks/results/recovery{'_smollm2' if args.smollm2 else ''}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))

@@ -86,7 +86,8 @@ def _audit(args: argparse.Namespace) -> int:
     from .audit import AuditSettings, audit_command
 
     chosen = {name: getattr(args, name)
-              for name in ("component", "bias_fit", "steps", "l1", "steering_lr", "bias_lr", "scale_lr", "top_k")
+              for name in ("component", "bias_fit", "scale_fit", "significance", "steps", "l1", "steering_lr",
+                           "bias_lr", "scale_lr", "top_k")
               if getattr(args, name) is not None}
     if args.allow_negative_bias:
         chosen["nonnegative_bias"] = False
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="biases: fit a steering vector per attach point and sparse-code it on the decoder "
                        "(decompose), or fine-tune latent biases with proximal L1 (proximal); auto (default) "
                        "decomposes for --component bias")
+    audit.add_argument("--scale-fit", choices=["auto", "screen", "proximal"],
+                       help="scales: a score test per latent, then a fit of the significant ones (screen), or a "
+                       "proximal-L1 fine-tune of every scale (proximal); auto (default) screens for --component scale")
+    audit.add_argument("--significance", type=_positive_float, help="screened scales: the score, in standard errors "
+                       "of a latent's own gradient, a latent needs to be fitted (default 4)")
     audit.add_argument("--steps", type=_positive_int, help="optimizer steps (default 300)")
     audit.add_argument("--l1", type=_fraction, help="sparsity as a fraction of lambda_max (the smallest value that "
                        "keeps every latent at zero), for the sparse code or the proximal step (default 0.1)")

@@ -209,3 +209,122 @@ def test_audit_settings_reject_bad_values() -> None:
     assert not AuditSettings(component="scale_bias").decomposes_bias
     with pytest.raises(ValueError, match="bias_lr must be > 0"):
         AuditSettings(bias_lr=0)
+
+
+def _scale_adapter(sae_path: Path) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    import peft_isaerft
+
+    model = make_model("llama")
+    return get_peft_model(model, peft_isaerft.ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="scale"))
+
+
+def test_scale_screen_scores_are_the_gradient_over_its_spread_across_sequences(sae_factory) -> None:
+    """The score test read off hooks equals autograd: one sequence per batch, so each batch's gradient is one term."""
+    from peft_isaerft.audit import AuditSettings, padding_collator, screen_scales
+
+    rows = _token_rows(n=6)
+    collate = padding_collator(0)
+    peft_model = _scale_adapter(sae_factory(hook="blocks.1.hook_resid_post"))
+    (_name, scale), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    per_sequence = []
+    for row in rows:
+        peft_model.zero_grad()
+        peft_model(**collate([row])).loss.backward()
+        per_sequence.append(scale.grad.detach().clone())
+    per_sequence = torch.stack(per_sequence)
+    (screen,) = screen_scales(peft_model, [collate([row]) for row in rows], AuditSettings(component="scale"),
+                              progress=False).values()
+    torch.testing.assert_close(screen.gradient, per_sequence.sum(0), rtol=1e-4, atol=1e-7)
+    expected = per_sequence.sum(0) / (per_sequence ** 2).sum(0).sqrt()
+    fired = (per_sequence != 0).any(0)
+    torch.testing.assert_close(screen.score[fired], expected[fired], rtol=1e-4, atol=1e-5)
+    assert (screen.score[~fired] == 0).all()
+    # with batches of several sequences, the summed gradient is still autograd's
+    batches = [collate(rows[:3]), collate(rows[3:])]
+    total = torch.zeros_like(scale)
+    for batch in batches:
+        peft_model.zero_grad()
+        peft_model(**batch).loss.backward()
+        total += scale.grad.detach()
+    (screen,) = screen_scales(peft_model, batches, AuditSettings(component="scale"), progress=False).values()
+    torch.testing.assert_close(screen.gradient, total, rtol=1e-4, atol=1e-7)
+    assert scale.grad is None and (scale == 0).all()  # nothing trained, gradients cleared
+
+
+def test_scale_audit_fits_only_the_latents_that_reach_significance(sae_factory, tmp_path, caplog) -> None:
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens, screen_scales
+
+    sae = sae_factory(hook="blocks.1.hook_resid_post")
+    rows = _token_rows(n=32)
+    settings = AuditSettings(component="scale", steps=3, batch_size=8, significance=1.0)
+    peft_model, calibration = fit_adapter_on_tokens(make_model("llama"), [{"path": str(sae)}], rows, settings,
+                                                    tmp_path, progress=False)
+    (name, scale), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    screen = screen_scales(_scale_adapter(sae), [_collated(rows[i: i + 8]) for i in range(0, 32, 8)], settings,
+                           progress=False)[name]
+    assert 0 < len(screen.selected) < scale.numel()
+    assert calibration.screened[name] == len(screen.selected)
+    assert set(scale.detach().nonzero().flatten().tolist()) == set(screen.selected.tolist())
+    assert (screen.score[screen.selected].abs() >= 1.0).all()
+    assert screen.score[screen.selected].abs().diff().le(0).all()  # strongest first
+    (statistics,) = calibration.statistics.values()
+    torch.testing.assert_close(statistics.mean_activation, screen.statistics.mean_activation)
+    assert "statistics" not in calibration.summary() and json.dumps(calibration.summary())
+    # nothing significant: the adapter stays the identity and the audit says why
+    settings.significance = 1e6
+    with caplog.at_level("WARNING", logger="peft_isaerft.audit"):
+        peft_model, calibration = fit_adapter_on_tokens(make_model("llama"), [{"path": str(sae)}], rows, settings,
+                                                        tmp_path, progress=False)
+    assert calibration.screened == {name: 0} and "stays the identity" in caplog.text
+    assert all((p == 0).all() for p in peft_model.parameters() if p.requires_grad)
+
+
+def _collated(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    from peft_isaerft.audit import padding_collator
+
+    return padding_collator(0)(rows)
+
+
+def test_typical_tokens_leave_out_padding_and_attention_sinks() -> None:
+    from peft_isaerft.audit import SINK_NORM_RATIO, typical_tokens
+
+    hidden = torch.ones(2, 5, 4)
+    hidden[0, 0] *= 2 * SINK_NORM_RATIO  # a sink
+    hidden[1, 2] *= 0.5 * SINK_NORM_RATIO  # large, but not a sink
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert typical_tokens(hidden, mask).tolist() == [[False, True, True, True, True],
+                                                     [True, True, True, False, False]]
+    assert not typical_tokens(hidden, torch.zeros(2, 5)).any()
+
+
+def test_scale_fit_settings_are_checked() -> None:
+    from peft_isaerft.audit import AuditSettings
+
+    assert AuditSettings(component="scale").screens_scales
+    assert not AuditSettings(component="scale_bias").screens_scales
+    assert not AuditSettings(component="scale", scale_fit="proximal").screens_scales
+    with pytest.raises(ValueError, match="scale_fit='screen' fits a scale-only adapter"):
+        AuditSettings(component="scale_bias", scale_fit="screen")
+    with pytest.raises(ValueError, match="scale_fit must be"):
+        AuditSettings(component="scale", scale_fit="lasso")
+    with pytest.raises(ValueError, match="significance must be > 0"):
+        AuditSettings(component="scale", significance=0)
+
+
+def test_scale_audit_cli_records_the_screen(sae_factory, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"the sea is calm tonight, boat {i}."}) for i in range(16)))
+    code = main(["audit", "--model", str(model_dir), "--sae", str(sae_factory(hook="blocks.1.hook_resid_post")),
+                 "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "3", "--component", "scale",
+                 "--significance", "1.5"])
+    assert code == 0
+    recorded = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert recorded["settings"]["significance"] == 1.5 and recorded["settings"]["scale_fit"] == "auto"
+    (screened,) = recorded["calibration"]["screened"].values()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert 0 < len(report) <= min(screened, 20) and all(r["param"] == "scale" for r in report)

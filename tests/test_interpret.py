@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -75,6 +76,11 @@ def test_data_weights_scales_and_gives_contexts(adapter) -> None:
     scale = next(r for r in records if r.param == "scale")
     assert scale.context is not None and "[[" in scale.context
     assert scale.label.startswith("fires on:")
+    # several contexts, strongest first, each a different firing token, the first being `context`
+    assert 2 <= len(scale.contexts) <= 3 and scale.contexts[0] == scale.context
+    assert all(c.count("[[") == 1 for c in scale.contexts) and len(set(scale.contexts)) == len(scale.contexts)
+    page = render(records, "html")
+    assert "more top contexts" in page and html.escape(scale.contexts[1]) in page
     plain = next(r for r in feature_report(model, top_k=10) if r.param == "scale")
     assert scale.effect != pytest.approx(plain.effect)
 

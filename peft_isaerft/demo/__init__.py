@@ -341,4 +341,7 @@ def _print_summary(results: dict[str, Any], records: list[Any]) -> None:
     print(f"{'training time (s)':52s} {'':>8s} {timings['isaerft_train_s']:>8.0f} {timings['lora_train_s']:>8.0f}")
     print("\nTop features the ISaeRFT adapter pushed (label = top context in held-out text):")
     print(render(records[:10], "table"))
+    print("Their top three contexts in held-out text ([[ ]] marks the token where the feature fires most):")
+    for record in records[:10]:
+        print(f"  {record.latent:>5d}  " + "  |  ".join(context[:48] for context in record.contexts or []))
     print(f"Timings (s): { {k: round(v, 1) for k, v in results['timings'].items()} }")

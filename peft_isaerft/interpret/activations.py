@@ -35,6 +35,11 @@ class LatentStatistics:
     """``d_sae x n_top x 2``: (text index, token index) of each top activation."""
     tokens: list[list[str]] = field(default_factory=list)
 
+    def contexts(self, latent: int, window: int = 8) -> list[str]:
+        """Every stored top context of ``latent``, strongest first (up to ``n_top``; fewer if it fired less often)."""
+        found = (self.context(latent, rank, window) for rank in range(self.top_values.shape[1]))
+        return [text for text in found if text is not None]
+
     def context(self, latent: int, rank: int = 0, window: int = 8) -> str | None:
         """The text around the ``rank``-th strongest activation of ``latent``, the firing token in [[ ]]."""
         if rank >= self.top_values.shape[1] or self.top_values[latent, rank] <= 0:

@@ -108,13 +108,15 @@ def _html(records: Sequence[FeatureRecord], title: str, history: dict[str, Any] 
         rows = "".join(
             f"<tr><td>{r.latent}</td><td>{html.escape(r.param_text)}</td><td>{r.value:+.4f}</td><td>{r.effect:.4f}</td>"
             f"<td>{html.escape(r.label or '')}</td>"
+            f"<td>{'<br>'.join(html.escape(c) for c in (r.contexts or [])[1:])}</td>"
             f"<td>{f'<a href={chr(34)}{html.escape(r.url)}{chr(34)}>dashboard</a>' if r.url else ''}</td></tr>"
             for r in subset
         )
         sections.append(
             f"<h2>{html.escape(hook)} <small>{html.escape(subset[0].sae)}</small></h2>"
             f"{_img(bar_chart_png(subset, hook), 'top latents at ' + hook)}"
-            "<table><tr><th>latent</th><th>param</th><th>value</th><th>effect</th><th>label</th><th>link</th></tr>"
+            "<table><tr><th>latent</th><th>param</th><th>value</th><th>effect</th><th>label</th>"
+            "<th>more top contexts</th><th>link</th></tr>"
             f"{rows}</table>"
         )
     if history:

@@ -40,6 +40,8 @@ class FeatureRecord:
     url: str | None = None
     context: str | None = None
     """The top-activating context on the given data, used as the label when no other label exists."""
+    contexts: list[str] | None = None
+    """The top-activating contexts on the given data (up to three, strongest first): one can be a coincidence."""
     detail: str | None = None
     """What the component does with this latent beyond one number (a clamp: when it acts and what it pulls to; an
     edge of a latent map: the latent it comes from, with that latent's label)."""
@@ -146,6 +148,7 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
                     label=(("" if finite else "NON-FINITE VALUE ") + label_of(latent)).strip() or None,
                     url=dashboard_url(splice.reference, latent),
                     context=stats.context(latent) if stats is not None else None,
+                    contexts=stats.contexts(latent) if stats is not None else None,
                     detail=detail,
                     source=source,
                 )
