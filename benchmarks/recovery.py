@@ -2,7 +2,8 @@
 
     python benchmarks/recovery.py            # the full grid (about 10 minutes on 2 CPU cores)
     python benchmarks/recovery.py --quick    # one cell per component, less data (the test suite runs it)
-    python benchmarks/recovery.py --smollm2 --ks 3,10 --seeds 0   # SmolLM2-135M with the demo's SAE (39 minutes)
+    python benchmarks/recovery.py --smollm2 --components scale --ks 3,10 --seeds 0,1 --sequences 256,2048
+        # SmolLM2-135M with the demo's SAE, planted scales of mid-frequency latents, two data sizes
 
 For each cell: build a random tiny model (initializer_range 0.2, so it reacts to its residual stream) and a TopK SAE
 with unit-norm decoder rows at ``blocks.1.hook_resid_post``; plant a change on k latents in a *teacher* (bias: add
