@@ -343,5 +343,5 @@ def _print_summary(results: dict[str, Any], records: list[Any]) -> None:
     print(render(records[:10], "table"))
     print("Their top three contexts in held-out text ([[ ]] marks the token where the feature fires most):")
     for record in records[:10]:
-        print(f"  {record.latent:>5d}  " + "  |  ".join(context[:48] for context in record.contexts or []))
+        print(f"  {record.latent:>5d}  " + "  |  ".join(record.contexts or []))
     print(f"Timings (s): { {k: round(v, 1) for k, v in results['timings'].items()} }")
