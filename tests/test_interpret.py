@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from peft_isaerft import ISaeRFTConfig, LatentTrackingCallback, SAEReference, diff_adapters, feature_report, render
 from peft_isaerft.cli import main
+from peft_isaerft.interpret.activations import latent_statistics
 from peft_isaerft.interpret.labels import fetch_neuronpedia_labels, load_neuronpedia_export
 from peft_isaerft.saes import decoder_directions
 
@@ -79,6 +80,9 @@ def test_data_weights_scales_and_gives_contexts(adapter) -> None:
     # several contexts, strongest first, each a different firing token, the first being `context`
     assert 2 <= len(scale.contexts) <= 3 and scale.contexts[0] == scale.context
     assert all(c.count("[[") == 1 for c in scale.contexts) and len(set(scale.contexts)) == len(scale.contexts)
+    # the shorter texts' padding reads as nothing in contexts (positions kept)
+    statistics = next(iter(latent_statistics(model, CharTokenizer(), texts, progress=False).values()))
+    assert statistics.tokens[1][-1] == "" and not any("\0" in t for row in statistics.tokens for t in row)
     page = render(records, "html")
     assert "more top contexts" in page and html.escape(scale.contexts[1]) in page
     plain = next(r for r in feature_report(model, top_k=10) if r.param == "scale")

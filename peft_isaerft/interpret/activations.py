@@ -97,8 +97,10 @@ def latent_statistics(
                 encoded = {k: v.to(device) for k, v in encoded.items()}
                 model(**encoded)
                 mask = encoded["attention_mask"].bool()
-                for row in encoded["input_ids"]:
-                    all_tokens.append([tokenizer.decode([int(t)]) for t in row])
+                # padding reads as nothing in a context (positions kept: top activations index the padded rows)
+                for row, keep in zip(encoded["input_ids"].tolist(), mask.tolist(), strict=True):
+                    all_tokens.append([tokenizer.decode([t]) if real else "" for t, real in zip(row, keep,
+                                                                                                   strict=True)])
                 for name, layer in layers.items():
                     sae = layer.isaerft_splices[adapter_name].sae
                     z = sae.encode(captured[name].to(sae.W_dec.dtype)).float()
