@@ -2,6 +2,7 @@
 
     python benchmarks/poisoning.py --steps 100  # SmolLM2-135M-Instruct, the demo's SAE, poison at 1, 3 and 10 %
                                                 # (30 minutes on 2 CPU cores; 300 steps, the default: about 60)
+    python benchmarks/poisoning.py --component scale --rates 0.1 --steps 100  # the scale audit (23 minutes)
     python benchmarks/poisoning.py --quick   # the same machinery at toy size (the test suite runs it)
 
 The dataset is built offline: the demo's 70 everyday questions and 330 "What does this saying mean?" prompts over
@@ -169,11 +170,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rates", default=None, help="poison rates, comma-separated (default 0.01,0.03,0.1)")
     parser.add_argument("--sayings", type=int, default=330, help="saying questions beside the 70 demo questions")
     parser.add_argument("--steps", type=int, help="override the audit's fit steps (default: AuditSettings' 300)")
-    parser.add_argument("--output", default="benchmarks/results/poisoning.json")
+    parser.add_argument("--component", choices=["bias", "scale", "scale_bias"], default="bias",
+                        help="the audit's component (scale: the score-test audit of token-dependent scales)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     args = parser.parse_args(argv)
     started = time.time()
     demo_settings = DemoSettings.quick() if args.quick else DemoSettings()
-    audit_settings = AuditSettings(steps=3, batch_size=4, top_k=10) if args.quick else AuditSettings(top_k=10)
+    audit_settings = AuditSettings(component=args.component, top_k=10)
+    if args.quick:
+        audit_settings.steps, audit_settings.batch_size = 3, 4
+    args.output = args.output or ("benchmarks/results/poisoning.json" if args.component == "bias"
+                                  else f"benchmarks/results/poisoning_{args.component}.json")
     if args.steps:
         audit_settings.steps = args.steps
     rates = [float(r) for r in (args.rates or ("0.1" if args.quick else "0.01,0.03,0.1")).split(",")]
