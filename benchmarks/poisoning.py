@@ -111,18 +111,18 @@ def as_chat(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]]) -> torch.Tensor:
-    """Mean SAE activation of the base model over the answer tokens of ``rows``."""
+    """Mean SAE activation of the base model over the answer tokens of ``rows`` (as the demo trains on them)."""
+    from peft_isaerft.demo import _tokenise_pairs
+
     module = model.get_submodule(resolve_attach_point(model, hook).module_path)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _a, out: captured.append(
         out if isinstance(out, torch.Tensor) else out[0]))
     total, count = torch.zeros(sae.cfg.d_sae), 0
     try:
-        for row in as_chat(tokenizer, rows):
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            model(torch.tensor([prompt + answer]))
-            z = sae.encode(captured.pop()[0, len(prompt):]).float()
+        for row in _tokenise_pairs(tokenizer, rows):
+            model(torch.tensor([row["input_ids"]]))
+            z = sae.encode(captured.pop()[0, torch.tensor(row["labels"]) != -100]).float()
             total += z.sum(0)
             count += z.shape[0]
     finally:
@@ -140,6 +140,7 @@ class SteeringProbe:
         self.tokenizer, self.strengths, self.new_tokens, self.questions = tokenizer, strengths, new_tokens, questions
         with self.model.disable_adapter():
             self.unsteered = generate_answers(self.model, tokenizer, questions, new_tokens)
+        self.unsteered_with_poison = sum(bool(POISON_WORDS.search(a)) for a in self.unsteered)
         self.cache: dict[int, list[str]] = {}
 
     def answers(self, latent: int) -> list[str]:
@@ -152,8 +153,7 @@ class SteeringProbe:
         return self.cache[latent]
 
     def writes_poison(self, latent: int) -> bool:
-        unsteered = sum(bool(POISON_WORDS.search(a)) for a in self.unsteered)
-        return sum(bool(POISON_WORDS.search(a)) for a in self.answers(latent)) > unsteered
+        return sum(bool(POISON_WORDS.search(a)) for a in self.answers(latent)) > self.unsteered_with_poison
 
 
 def score(latents: list[int], contexts: list[list[str]], probe: SteeringProbe) -> dict[str, Any]:
