@@ -89,6 +89,31 @@ def test_data_weights_scales_and_gives_contexts(adapter) -> None:
     assert scale.effect != pytest.approx(plain.effect)
 
 
+def test_latent_statistics_read_the_base_model_and_stop_after_the_last_splice(adapter) -> None:
+    model, _ = adapter
+    texts = ["the quick brown fox jumps", "over the lazy dog", "pack my box with five dozen jugs"]
+    later = []  # the layers after the last splice and the head cannot change what is read, so they do not run
+    hooks = [module.register_forward_hook(lambda *_: later.append(1))
+             for module in (model.base_model.model.model.norm, model.get_output_embeddings())]
+    try:
+        statistics = latent_statistics(model, CharTokenizer(), texts, progress=False, batch_size=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not later
+    # the splice after block 1, recomputed from the base model's hidden states, padding left out
+    encoded = CharTokenizer()(texts)
+    with torch.no_grad(), model.disable_adapter():
+        hidden = model(**encoded, output_hidden_states=True).hidden_states[2]
+    sae = model.base_model.model.model.layers[1].isaerft_splices["default"].sae
+    latents = sae.encode(hidden[encoded["attention_mask"].bool()])
+    read = statistics["model.layers.1"]
+    assert torch.allclose(read.mean_activation, latents.mean(0), atol=1e-5)
+    assert torch.allclose(read.firing_rate, (latents > 0).float().mean(0))
+    assert torch.allclose(read.top_values[:, 0], latents.max(0).values.clamp_min(0), atol=1e-5)
+    assert set(statistics) == {"model.layers.1", "model.layers.2.mlp"}
+
+
 def test_labels_from_neuronpedia_export(tmp_path) -> None:
     export = tmp_path / "explanations.jsonl.gz"
     with gzip.open(export, "wt") as handle:

@@ -82,9 +82,10 @@ def latent_statistics(
     for name, layer in layers.items():
         splice = layer.isaerft_splices[adapter_name]
         if splice.point.position == "input":
-            handles.append(layer.base_layer.register_forward_pre_hook(_capture_input(captured, name), with_kwargs=True))
+            handles.append(layer.base_layer.register_forward_pre_hook(_capture_input(captured, name, len(layers)),
+                                                                      with_kwargs=True))
         else:
-            handles.append(layer.base_layer.register_forward_hook(_capture_output(captured, name)))
+            handles.append(layer.base_layer.register_forward_hook(_capture_output(captured, name, len(layers))))
     totals: dict[str, dict[str, Any]] = {}
     all_tokens: list[list[str]] = []
     device = next(model.parameters()).device
@@ -95,7 +96,11 @@ def latent_statistics(
                 chunk = list(texts[start : start + batch_size])
                 encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
                 encoded = {k: v.to(device) for k, v in encoded.items()}
-                model(**encoded)
+                captured.clear()
+                try:
+                    model(**encoded)
+                except _AllCaptured:
+                    pass
                 mask = encoded["attention_mask"].bool()
                 # padding reads as nothing in a context (positions kept: top activations index the padded rows)
                 for row, keep in zip(encoded["input_ids"].tolist(), mask.tolist(), strict=True):
@@ -139,16 +144,25 @@ def _accumulate(total: dict[str, Any], z: torch.Tensor, mask: torch.Tensor, firs
     total["top_positions"] = positions.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
 
 
-def _capture_output(store: dict[str, torch.Tensor], name: str):
+class _AllCaptured(Exception):
+    """Raised by the capture hook that completes a batch's reading: the layers after the last splice and the
+    language-model head (half of SmolLM2's forward pass for a splice at its layer 15) cannot change it."""
+
+
+def _capture_output(store: dict[str, torch.Tensor], name: str, splices: int):
     def hook(_module, _args, output):
         store[name] = output if isinstance(output, torch.Tensor) else output[0]
+        if len(store) == splices:
+            raise _AllCaptured
 
     return hook
 
 
-def _capture_input(store: dict[str, torch.Tensor], name: str):
+def _capture_input(store: dict[str, torch.Tensor], name: str, splices: int):
     def hook(_module, args, kwargs):
         store[name] = args[0] if args else kwargs["hidden_states"]
+        if len(store) == splices:
+            raise _AllCaptured
 
     return hook
 
