@@ -30,7 +30,7 @@ from .saes import decoder_directions
 logger = logging.getLogger(__name__)
 
 __all__ = ["SINK_NORM_RATIO", "AuditSettings", "Calibration", "ScaleScreen", "calibrate", "fit_decomposed_biases",
-           "read_rows", "run_audit", "screen_scales", "typical_tokens"]
+           "keep_surprising", "read_rows", "run_audit", "screen_scales", "typical_tokens"]
 
 SINK_NORM_RATIO = 10.0
 """Tokens whose residual norm at the attach point is above this multiple of the batch's median are attention sinks
@@ -89,6 +89,19 @@ class AuditSettings:
     top_k: int = 10
     calibration_batches: int = 12
     """Batches of audit data over which ``lambda_max`` and the residual norm are measured before training."""
+    fit_logit_scale: bool = False
+    """Decomposed biases: fit one scalar on the output logits (a temperature) beside each steering vector, so that
+    a change of the model's confidence, which every row of a dataset can share (greedy answers are sharper than
+    the model's samples; its most surprising tokens ask for flatter ones), is absorbed by that scalar instead of by
+    the features."""
+    surprising_rows: float = 1.0
+    """Fit only this fraction of the rows: those whose completions the base model finds most surprising (summed
+    loss before the adapter). 1 fits every row. Below 1 the audit explains where the data departs most from the
+    model rather than what every row shares: in a fine-tuning set that mostly reads like the model's own answers,
+    rows that slip in something else are the most surprising ones (``benchmarks/poisoning.py``)."""
+    surprising_tokens: float = 1.0
+    """Fit only this fraction of the completion tokens of the fitted rows: those the base model finds most
+    surprising (highest loss). 1 fits every token; rows left with no surprising token are left out."""
 
     def __post_init__(self) -> None:
         if self.l1 < 0:
@@ -99,6 +112,10 @@ class AuditSettings:
         for name in ("bias_lr", "scale_lr", "steering_lr", "significance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("surprising_rows", "surprising_tokens"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} is the share fitted, in (0, 1] (e.g. 0.1 for the tenth the base model finds "
+                                 f"most surprising; 1 fits all), got {getattr(self, name)}.")
         if self.component not in ("bias", "scale", "scale_bias"):
             raise ValueError(f"The audit fits 'bias', 'scale' or 'scale_bias' adapters (its calibration is theirs), "
                              f"got component {self.component!r}; train other components with the Trainer directly.")
@@ -109,6 +126,10 @@ class AuditSettings:
         if self.scale_fit == "screen" and self.component != "scale":
             raise ValueError(f"scale_fit='screen' fits a scale-only adapter, but component is {self.component!r}; use "
                              "component='scale', or scale_fit='proximal' (or 'auto') for scale_bias.")
+        if self.fit_logit_scale and not self.decomposes_bias:
+            raise ValueError("fit_logit_scale fits a temperature beside the steering vector of a decomposed bias audit "
+                             f"(component='bias', bias_fit 'auto' or 'decompose'), but component is {self.component!r} "
+                             f"and bias_fit {self.bias_fit!r}.")
         if self.bias_fit == "decompose" and self.component != "bias":
             raise ValueError(f"bias_fit='decompose' fits a bias-only adapter, but component is {self.component!r}; "
                              "use component='bias', or bias_fit='proximal' (or 'auto') to train scales too.")
@@ -144,6 +165,9 @@ class Calibration:
     """Median token norm of the residual stream at the parameter's attach point (padding excluded). The median,
     not the mean: real models carry a few tokens ("attention sinks", often the first) whose norm is 100x the rest
     (SmolLM2 layer 15: 23000 against a median of 170), and a step sized by them would overshoot every other token."""
+    logit_scale: float | None = None
+    """Decomposed biases with ``fit_logit_scale``: the fitted factor on the output logits (below 1: the data asks
+    for a less confident model)."""
     screened: dict[str, int] = field(default_factory=dict)
     """Screened scales: how many latents reached ``significance`` (the only ones fitted)."""
     statistics: dict[str, LatentStatistics] = field(default_factory=dict, repr=False)
@@ -242,6 +266,9 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     from . import ISaeRFTConfig
 
     disable_dropout(model)
+    if settings.surprising_rows < 1 or settings.surprising_tokens < 1:
+        tokenised = keep_surprising(model, tokenised, settings.surprising_rows, settings.surprising_tokens,
+                                    settings.batch_size, pad_id, progress)
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=saes, component=settings.component))
     collate = padding_collator(pad_id)
     calibration_rows = list(tokenised[: settings.calibration_batches * settings.batch_size])
@@ -290,6 +317,58 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     return peft_model.eval(), calibration
 
 
+@torch.no_grad()
+def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows: float = 1.0, tokens: float = 1.0,
+                    batch_size: int = 8, pad_id: int = 0, progress: bool = True) -> list[dict[str, list[int]]]:
+    """The part of ``tokenised`` where the data departs most from ``model``: the ``rows`` fraction of rows whose
+    labelled tokens have the largest summed next-token loss, and in them the ``tokens`` fraction of labelled tokens
+    with the largest loss (the other labels set to -100). Rows are kept in their order; rows left with no label are
+    dropped. One forward pass over the rows; ties at a threshold are kept.
+
+    Example:
+        >>> rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]  # doctest: +SKIP
+        >>> keep_surprising(model, rows, tokens=0.34)  # doctest: +SKIP
+        [{'input_ids': [5, 6, 7, 8], 'labels': [-100, -100, 7, -100]}]
+    """
+    collate = padding_collator(pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses: list[torch.Tensor] = []  # per row, the loss of each label (nan where there is none)
+    try:
+        for start in tqdm(range(0, len(tokenised), batch_size), desc="Measuring the base model's surprise",
+                          disable=not progress):
+            chunk = tokenised[start: start + batch_size]
+            batch = collate(list(chunk))
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:, 1:].to(device)
+            token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                           ignore_index=-100, reduction="none")
+            token_loss = token_loss.masked_fill(labels == -100, float("nan")).cpu()
+            losses += [torch.cat([torch.full((1,), float("nan")), row_loss[: len(row["input_ids"]) - 1]])
+                       for row, row_loss in zip(chunk, token_loss, strict=True)]
+    finally:
+        model.train(was_training)
+    totals = torch.stack([row_loss.nansum() for row_loss in losses])
+    row_threshold = float(totals.topk(max(1, round(rows * len(totals)))).values[-1])
+    chosen = [i for i, total in enumerate(totals.tolist()) if total >= row_threshold]
+    labelled = torch.cat([losses[i][~losses[i].isnan()] for i in chosen])
+    if not len(labelled):
+        raise ValueError("The audit rows hold no labelled token to fit; check that completions are not empty.")
+    token_threshold = float(labelled.topk(max(1, round(tokens * len(labelled)))).values[-1])
+    kept_rows = []
+    for i in chosen:
+        surprising = (losses[i] >= token_threshold).tolist()  # nan compares False: unlabelled tokens stay so
+        labels = [label if keep else -100 for label, keep in zip(tokenised[i]["labels"], surprising, strict=True)]
+        if any(label != -100 for label in labels):
+            kept_rows.append({**tokenised[i], "labels": labels})
+    logger.info("audit: fitting %d of %d rows (summed base-model loss >= %.3g nats) and in them the %d of %d "
+                "completion tokens with loss >= %.3g nats", len(kept_rows), len(tokenised), row_threshold,
+                int((labelled >= token_threshold).sum()), len(labelled), token_threshold)
+    return kept_rows
+
+
 def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: AuditSettings,
                           train: Callable[[torch.optim.Optimizer], None]) -> None:
     """Fit the bias adapter in two steps and write the result into its latent biases (``train`` runs the
@@ -332,8 +411,13 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
             else:
                 handles.append(module.register_forward_hook(lambda _m, _a, out, add=add: _map_first_output(out, add)))
             parameter.requires_grad_(False)  # the latent biases are not stepped here; they receive the code
-        optimizer = torch.optim.AdamW([{"params": [steering[name]], "lr": calibration.lr[name]} for name in steering],
-                                      weight_decay=0.0)
+        groups = [{"params": [steering[name]], "lr": calibration.lr[name]} for name in steering]
+        if settings.fit_logit_scale:
+            log_scale = torch.nn.Parameter(torch.zeros((), device=next(iter(steering.values())).device))
+            groups.append({"params": [log_scale], "lr": settings.scale_lr})
+            handles.append(peft_model.get_output_embeddings().register_forward_hook(
+                lambda _m, _a, logits: logits * log_scale.exp().to(logits.dtype)))
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         # Trainer zeroes the gradients of the model's own parameters only; these vectors live outside the model
         optimizer.register_step_post_hook(lambda opt, _args, _kwargs: opt.zero_grad(set_to_none=True))
         train(optimizer)
@@ -342,6 +426,9 @@ def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: A
             handle.remove()
         for parameter in named.values():
             parameter.requires_grad_(True)
+    if settings.fit_logit_scale:
+        calibration.logit_scale = float(log_scale.detach().exp())
+        logger.info("audit: fitted logit scale %.3g", calibration.logit_scale)
     for name, parameter in named.items():
         module, adapter_name, _kind = owners[id(parameter)]
         splice = module.isaerft_splices[adapter_name]

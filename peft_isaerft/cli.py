@@ -87,10 +87,13 @@ def _audit(args: argparse.Namespace) -> int:
 
     chosen = {name: getattr(args, name)
               for name in ("component", "bias_fit", "scale_fit", "significance", "steps", "l1", "steering_lr",
-                           "bias_lr", "scale_lr", "top_k")
+                           "bias_lr", "scale_lr", "top_k", "surprising_rows",
+                           "surprising_tokens")
               if getattr(args, name) is not None}
     if args.allow_negative_bias:
         chosen["nonnegative_bias"] = False
+    if args.fit_logit_scale:
+        chosen["fit_logit_scale"] = True
     settings = AuditSettings(**chosen)
     audit_command(args.model, args.sae, args.data, args.output, settings)
     return 0
@@ -139,6 +142,7 @@ def _number(kind: type, accept: Callable[[float], bool], requirement: str) -> Ca
 _positive_int = _number(int, lambda value: value >= 1, "1 or more")
 _positive_float = _number(float, lambda value: 0 < value < float("inf"), "a positive finite number")
 _fraction = _number(float, lambda value: 0 <= value < 1, "a fraction in [0, 1)")
+_share = _number(float, lambda value: 0 < value <= 1, "a fraction in (0, 1]")
 
 
 def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
@@ -219,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--scale-lr", type=_positive_float, help="step for latent scales (default 0.05)")
     audit.add_argument("--allow-negative-bias", action="store_true", help="let biases go negative (by default a "
                        "bias audit reports only features the data adds)")
+    audit.add_argument("--fit-logit-scale", action="store_true", help="bias audits: fit a temperature on the logits "
+                       "beside the steering vector, so a change of confidence every row shares is not read as features")
+    audit.add_argument("--surprising-rows", type=_share, help="fit only this share of the rows, those whose "
+                       "completions the base model finds most surprising: where the data departs from the model "
+                       "rather than what every row shares (default 1: all rows; e.g. 0.1)")
+    audit.add_argument("--surprising-tokens", type=_share, help="fit only this share of the completion tokens of "
+                       "those rows, the most surprising (default 1: all tokens)")
     audit.add_argument("--top-k", type=_positive_int, help="features to report (default 20)")
     audit.set_defaults(run=_audit)
 

@@ -42,6 +42,8 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
             "--l1",
             "0.05",
             "--allow-negative-bias",
+            "--surprising-tokens",
+            "0.5",
         ]
     )
     assert code == 0
@@ -54,6 +56,7 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
     recorded = json.loads((out / "audit.json").read_text())
     assert recorded["settings"]["l1"] == 0.05 and recorded["settings"]["nonnegative_bias"] is False
     assert recorded["settings"]["steps"] == 5 and recorded["rows"] == len(rows)
+    assert recorded["settings"]["surprising_tokens"] == 0.5
     (lambda_max,) = recorded["calibration"]["lambda_max"].values()
     (l1_coeff,) = recorded["calibration"]["l1_coeff"].values()
     assert l1_coeff == pytest.approx(0.05 * lambda_max) and lambda_max > 0
@@ -154,6 +157,32 @@ def test_decomposed_bias_audit_codes_the_planted_change(tmp_path) -> None:
     assert calibration.lr[name] == pytest.approx(settings.steering_lr * calibration.residual_norm[name] / 64 ** 0.5)
 
 
+def test_logit_scale_absorbs_a_change_of_confidence_that_features_would_otherwise_explain(tmp_path) -> None:
+    """A teacher that is the base model at temperature 0.5 changes no feature, only confidence: with
+    ``fit_logit_scale`` the audit reads it as a logit scale near 2, and its steering vector shrinks."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recovery
+
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+
+    recovery.D_MODEL, recovery.VOCAB = 64, 128
+    sae_path = recovery.build_sae(tmp_path, 16 * 64, seed=0)
+    teacher = recovery.build_model("gpt2", seed=0)
+    teacher.get_output_embeddings().register_forward_hook(lambda _m, _a, logits: 2 * logits)
+    ids = recovery.sample(teacher, 128, 24, seed=2)
+    rows = [{"input_ids": row.tolist(), "labels": [-100] * 4 + row[4:].tolist()} for row in ids]
+    found = {}
+    for fit_logit_scale in (False, True):
+        settings = AuditSettings(steps=150, fit_logit_scale=fit_logit_scale)
+        _model, found[fit_logit_scale] = fit_adapter_on_tokens(
+            recovery.build_model("gpt2", seed=0), [{"path": str(sae_path)}], rows, settings,
+            tmp_path / "trainer", progress=False)
+    assert found[False].logit_scale is None
+    assert 1.6 < found[True].logit_scale < 2.5
+    (without,), (with_scale,) = found[False].lambda_max.values(), found[True].lambda_max.values()
+    assert with_scale < 0.5 * without  # the largest projection of the steering vector on any feature
+
+
 def test_decomposed_bias_audit_codes_one_steering_vector_per_sae(sae_factory, tmp_path, monkeypatch) -> None:
     from sae_lens import SAE
 
@@ -195,6 +224,51 @@ def test_audit_turns_off_dropout_of_the_frozen_model() -> None:
     torch.testing.assert_close(model(ids).logits, model(ids).logits)  # deterministic in train mode now
 
 
+def test_surprising_tokens_are_the_base_models_highest_loss_labels() -> None:
+    from peft_isaerft.audit import keep_surprising
+
+    model = make_model("llama")
+    rows = _token_rows(n=10, length=12)
+    for index, row in enumerate(rows):  # prompts of different lengths; their labels never count
+        row["labels"] = [-100] * (2 + index % 3) + row["labels"][2 + index % 3:]
+        row["input_ids"] = row["input_ids"][: 12 - index % 2]  # ragged rows, so the batches carry padding
+        row["labels"] = row["labels"][: 12 - index % 2]
+    # each label's loss from its own row alone, without padding: logits at t - 1 predict the token at t
+    expected: list[tuple[float, int, int]] = []
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            logits = model(torch.tensor([row["input_ids"]])).logits[0].float()
+            losses = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row["input_ids"][1:]),
+                                                       reduction="none")
+            expected += [(float(losses[t - 1]), r, t) for t, label in enumerate(row["labels"]) if label != -100]
+    keep = round(0.25 * len(expected))
+    chosen = {(r, t) for _loss, r, t in sorted(expected, reverse=True)[:keep]}
+    kept = keep_surprising(model, rows, tokens=0.25, batch_size=4, progress=False)
+    found = {(r, t) for r, row in enumerate(rows) for t, label in enumerate(row["labels"]) if label != -100}
+    kept_positions = set()
+    kept_iter = iter(kept)
+    for r, row in enumerate(rows):
+        if not any((r, t) in chosen for t in range(len(row["labels"]))):
+            continue  # a row with no surprising token is dropped
+        new = next(kept_iter)
+        assert new["input_ids"] == row["input_ids"]
+        kept_positions |= {(r, t) for t, label in enumerate(new["labels"]) if label != -100}
+        assert all(label in (-100, row["labels"][t]) for t, label in enumerate(new["labels"]))
+    assert next(kept_iter, None) is None
+    assert kept_positions == chosen and chosen <= found
+    assert len(kept) < len(rows)  # at a quarter of the tokens some rows hold none
+    # rows: those of largest summed loss, whole; then tokens: the most surprising among those rows' tokens only
+    totals = [sum(loss for loss, r, _t in expected if r == row) for row in range(len(rows))]
+    top_rows = sorted(sorted(range(len(rows)), key=lambda r: -totals[r])[:5])
+    whole = keep_surprising(model, rows, rows=0.5, progress=False)
+    assert [row["input_ids"] for row in whole] == [rows[r]["input_ids"] for r in top_rows]
+    assert [row["labels"] for row in whole] == [rows[r]["labels"] for r in top_rows]
+    in_top = sorted((e for e in expected if e[1] in top_rows), reverse=True)
+    both = keep_surprising(model, rows, rows=0.5, tokens=0.5, progress=False)
+    assert {(tuple(rows[r]["input_ids"]), t) for _loss, r, t in in_top[: round(0.5 * len(in_top))]} == {
+        (tuple(row["input_ids"]), t) for row in both for t, label in enumerate(row["labels"]) if label != -100}
+
+
 def test_audit_settings_reject_bad_values() -> None:
     from peft_isaerft.audit import AuditSettings
 
@@ -209,6 +283,11 @@ def test_audit_settings_reject_bad_values() -> None:
     assert not AuditSettings(component="scale_bias").decomposes_bias
     with pytest.raises(ValueError, match="bias_lr must be > 0"):
         AuditSettings(bias_lr=0)
+    with pytest.raises(ValueError, match="fit_logit_scale fits a temperature"):
+        AuditSettings(component="scale", fit_logit_scale=True)
+    for share in (0, 1.5):
+        with pytest.raises(ValueError, match=r"surprising_rows is the share fitted, in \(0, 1\]"):
+            AuditSettings(surprising_rows=share)
 
 
 def _scale_adapter(sae_path: Path) -> torch.nn.Module:
