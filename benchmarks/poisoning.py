@@ -123,27 +123,37 @@ def as_chat(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]]) -> torch.Tensor:
-    """Mean SAE activation of the base model over the answer tokens of ``rows`` (as the demo trains on them)."""
-    from peft_isaerft.demo import _tokenise_pairs
-
+def latent_means(model: Any, sae: Any, hook: str, rows: list[list[int]],
+                 selections: list[list[list[bool]]]) -> list[torch.Tensor]:
+    """One forward pass per row of token ids; for each selection (per row, a flag per token), the base model's mean
+    SAE activation at ``hook`` over the selected tokens."""
     module = model.get_submodule(resolve_attach_point(model, hook).module_path)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _a, out: captured.append(
         out if isinstance(out, torch.Tensor) else out[0]))
-    total, count = torch.zeros(sae.cfg.d_sae), 0
+    totals, counts = torch.zeros(len(selections), sae.cfg.d_sae), torch.zeros(len(selections))
     try:
-        for row in _tokenise_pairs(tokenizer, rows):
-            model(torch.tensor([row["input_ids"]]))
-            z = sae.encode(captured.pop()[0, torch.tensor(row["labels"]) != -100]).float()
-            total += z.sum(0)
-            count += z.shape[0]
+        for index, ids in enumerate(rows):
+            model(torch.tensor([ids]))
+            z = sae.encode(captured.pop()[0]).float()
+            for which, selection in enumerate(selections):
+                chosen = torch.tensor(selection[index] + [False] * (len(z) - len(selection[index])))
+                totals[which] += z[chosen].sum(0)
+                counts[which] += chosen.sum()
     finally:
         handle.remove()
-    return total / max(count, 1)
+    return list(totals / counts.clamp_min(1).unsqueeze(1))
 
 
-@torch.no_grad()
+def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]]) -> torch.Tensor:
+    """Mean SAE activation of the base model over the answer tokens of ``rows`` (as the demo trains on them)."""
+    from peft_isaerft.demo import _tokenise_pairs
+
+    pairs = _tokenise_pairs(tokenizer, rows)
+    answers = [[label != -100 for label in row["labels"]] for row in pairs]
+    return latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [answers])[0]
+
+
 def surprise_diffing(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
                      settings: AuditSettings) -> torch.Tensor:
     """The baseline that reads the same signal as a surprise-focused audit without fitting anything: the base
@@ -154,22 +164,10 @@ def surprise_diffing(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list
     selected = keep_surprising(model, [{**row, "row": i} for i, row in enumerate(tokenised)], settings.surprising_rows,
                                settings.surprising_tokens, progress=False)
     kept = {row["row"]: row["labels"] for row in selected}
-    module = model.get_submodule(resolve_attach_point(model, hook).module_path)
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _a, out: captured.append(
-        out if isinstance(out, torch.Tensor) else out[0]))
-    totals, counts = torch.zeros(2, sae.cfg.d_sae), torch.zeros(2)
-    try:
-        for index, row in enumerate(tokenised):
-            model(torch.tensor([row["input_ids"]]))
-            z = sae.encode(captured.pop()[0]).float()
-            for which, labels in enumerate((row["labels"], kept.get(index, []))):
-                chosen = torch.tensor([label != -100 for label in labels] + [False] * (len(z) - len(labels)))
-                totals[which] += z[chosen].sum(0)
-                counts[which] += chosen.sum()
-    finally:
-        handle.remove()
-    return totals[1] / counts[1].clamp_min(1) - totals[0] / counts[0].clamp_min(1)
+    answers = [[label != -100 for label in row["labels"]] for row in tokenised]
+    surprising = [[label != -100 for label in kept.get(index, [])] for index in range(len(tokenised))]
+    everything, chosen = latent_means(model, sae, hook, [row["input_ids"] for row in tokenised], [answers, surprising])
+    return chosen - everything
 
 
 class SteeringProbe:
