@@ -60,8 +60,11 @@ class AuditSettings:
     bias_fit: str = "auto"
     """How biases are fitted. ``"decompose"``: fit one dense steering vector per attach point to the data, then
     sparse-code it on the SAE's decoder directions (:func:`peft_isaerft.sparsity.sparse_code`); ``"proximal"``:
-    fine-tune the latent biases directly with the proximal L1 step. ``"auto"`` decomposes for the ``bias``
-    component and fine-tunes proximally when scales are trained too (scales act on latents, not on a vector)."""
+    fine-tune the latent biases directly with the proximal L1 step; ``"attribution"``: train nothing, rank latents
+    by :func:`attribute_latents` (present more in the surprising rows than in the rest, and lowering those rows' loss)
+    and set the ``top_k`` biases to their activation difference; it needs ``surprising_rows`` below 1, since the
+    rows left out are its reference. ``"auto"`` decomposes for the ``bias`` component and fine-tunes proximally when
+    scales are trained too (scales act on latents, not on a vector)."""
     steps: int = 300
     l1: float = 0.1
     steering_lr: float = 0.2
@@ -119,8 +122,13 @@ class AuditSettings:
         if self.component not in ("bias", "scale", "scale_bias"):
             raise ValueError(f"The audit fits 'bias', 'scale' or 'scale_bias' adapters (its calibration is theirs), "
                              f"got component {self.component!r}; train other components with the Trainer directly.")
-        if self.bias_fit not in ("auto", "decompose", "proximal"):
-            raise ValueError(f"bias_fit must be 'auto', 'decompose' or 'proximal', got {self.bias_fit!r}.")
+        if self.bias_fit not in ("auto", "decompose", "proximal", "attribution"):
+            raise ValueError(f"bias_fit must be 'auto', 'decompose', 'proximal' or 'attribution', got "
+                             f"{self.bias_fit!r}.")
+        if self.bias_fit == "attribution" and (self.component != "bias" or self.surprising_rows == 1):
+            raise ValueError("bias_fit='attribution' compares the most surprising rows with the rest, so it needs "
+                             "component='bias' and surprising_rows below 1 (e.g. 0.1), got component "
+                             f"{self.component!r} and surprising_rows {self.surprising_rows}.")
         if self.scale_fit not in ("auto", "screen", "proximal"):
             raise ValueError(f"scale_fit must be 'auto', 'screen' or 'proximal', got {self.scale_fit!r}.")
         if self.scale_fit == "screen" and self.component != "scale":
@@ -138,6 +146,11 @@ class AuditSettings:
     def decomposes_bias(self) -> bool:
         """Whether biases are fitted as a steering vector and sparse-coded (see ``bias_fit``)."""
         return self.component == "bias" and self.bias_fit in ("auto", "decompose")
+
+    @property
+    def attributes_biases(self) -> bool:
+        """Whether biases are set by :func:`attribute_latents` instead of trained (see ``bias_fit``)."""
+        return self.bias_fit == "attribution"
 
     @property
     def screens_scales(self) -> bool:
@@ -170,6 +183,10 @@ class Calibration:
     for a less confident model)."""
     screened: dict[str, int] = field(default_factory=dict)
     """Screened scales: how many latents reached ``significance`` (the only ones fitted)."""
+    rows_fitted: int | None = None
+    """How many rows the audit read after ``surprising_rows`` / ``surprising_tokens`` kept the surprising ones."""
+    attributed: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Attribution audits: per bias parameter, the latents set and their attribution score."""
     statistics: dict[str, LatentStatistics] = field(default_factory=dict, repr=False)
     """Screened scales: each splice's latent statistics on the screened data (keyed by module path, sink tokens
     left out), which the report uses to rank scales by effect."""
@@ -266,15 +283,31 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     from . import ISaeRFTConfig
 
     disable_dropout(model)
+    reference: list[dict[str, list[int]]] = []
     if settings.surprising_rows < 1 or settings.surprising_tokens < 1:
-        tokenised = keep_surprising(model, tokenised, settings.surprising_rows, settings.surprising_tokens,
-                                    settings.batch_size, pad_id, progress)
+        tokenised, reference = split_surprising(model, tokenised, settings.surprising_rows,
+                                                settings.surprising_tokens, settings.batch_size, pad_id, progress)
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=saes, component=settings.component))
     collate = padding_collator(pad_id)
+
+    def batched(rows: Sequence[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:
+        return [collate(list(rows[i: i + settings.batch_size])) for i in range(0, len(rows), settings.batch_size)]
+
+    if settings.attributes_biases:
+        calibration = Calibration({}, {}, {}, {}, rows_fitted=len(tokenised))
+        parameters = dict(peft_model.named_parameters())
+        for name, attribution in attribute_latents(peft_model, batched(tokenised), batched(reference), settings,
+                                                   progress).items():
+            with torch.no_grad():
+                parameters[name][attribution.selected] = attribution.activation_difference[attribution.selected].to(
+                    parameters[name].dtype).to(parameters[name].device)
+            calibration.attributed[name] = {int(i): float(attribution.score[i]) for i in attribution.selected}
+        return peft_model.eval(), calibration
     calibration_rows = list(tokenised[: settings.calibration_batches * settings.batch_size])
     batches = [collate(calibration_rows[i: i + settings.batch_size])
                for i in range(0, len(calibration_rows), settings.batch_size)]
     calibration = calibrate(peft_model, batches, settings)
+    calibration.rows_fitted = len(tokenised)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         lr_scheduler_type="cosine" if settings.decomposes_bias else "constant", save_strategy="no", report_to=[],
@@ -296,10 +329,8 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
         return peft_model.eval(), calibration
     parameters = dict(peft_model.named_parameters())
     if settings.screens_scales:
-        screen_rows = list(tokenised[: settings.screen_batches * settings.batch_size])
-        screens = screen_scales(peft_model, [collate(screen_rows[i: i + settings.batch_size])
-                                             for i in range(0, len(screen_rows), settings.batch_size)], settings,
-                                progress)
+        screens = screen_scales(peft_model, batched(tokenised[: settings.screen_batches * settings.batch_size]),
+                                settings, progress)
         for name, screen in screens.items():
             calibration.screened[name] = len(screen.selected)
             calibration.statistics[screen.module_path] = screen.statistics
@@ -317,7 +348,6 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     return peft_model.eval(), calibration
 
 
-@torch.no_grad()
 def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows: float = 1.0, tokens: float = 1.0,
                     batch_size: int = 8, pad_id: int = 0, progress: bool = True) -> list[dict[str, list[int]]]:
     """The part of ``tokenised`` where the data departs most from ``model``: the ``rows`` fraction of rows whose
@@ -329,6 +359,19 @@ def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows:
         >>> rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]  # doctest: +SKIP
         >>> keep_surprising(model, rows, tokens=0.34)  # doctest: +SKIP
         [{'input_ids': [5, 6, 7, 8], 'labels': [-100, -100, 7, -100]}]
+    """
+    return split_surprising(model, tokenised, rows, tokens, batch_size, pad_id, progress)[0]
+
+
+@torch.no_grad()
+def split_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows: float = 1.0, tokens: float = 1.0,
+                     batch_size: int = 8, pad_id: int = 0, progress: bool = True
+                     ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """:func:`keep_surprising`, and beside the kept rows the rows it left out (unchanged): the reference an
+    attribution audit compares the surprising rows with.
+
+    Example:
+        >>> surprising, rest = split_surprising(model, rows, rows=0.1)  # doctest: +SKIP
     """
     collate = padding_collator(pad_id)
     device = next(model.parameters()).device
@@ -363,10 +406,12 @@ def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows:
         labels = [label if keep else -100 for label, keep in zip(tokenised[i]["labels"], surprising, strict=True)]
         if any(label != -100 for label in labels):
             kept_rows.append({**tokenised[i], "labels": labels})
+    left_out = set(range(len(tokenised))) - set(chosen)
+    rest = [dict(tokenised[i]) for i in sorted(left_out)]
     logger.info("audit: fitting %d of %d rows (summed base-model loss >= %.3g nats) and in them the %d of %d "
                 "completion tokens with loss >= %.3g nats", len(kept_rows), len(tokenised), row_threshold,
                 int((labelled >= token_threshold).sum()), len(labelled), token_threshold)
-    return kept_rows
+    return kept_rows, rest
 
 
 def fit_decomposed_biases(peft_model: Any, calibration: Calibration, settings: AuditSettings,
@@ -481,6 +526,31 @@ def typical_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask & (norms <= SINK_NORM_RATIO * norms[mask].median())
 
 
+def _capture_splices(targets: dict[str, tuple[Any, str, str]],
+                     captured: dict[str, list[torch.Tensor]]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that put each target splice's hidden states in ``captured[name]`` on every forward pass, followed by
+    their gradient once a backward pass reaches them. The caller removes the returned handles."""
+    from .tuner.layer import _map_first_input, _map_first_output
+
+    def capture(name: str, hidden: torch.Tensor) -> torch.Tensor:
+        captured[name] = [hidden.detach()]
+        if torch.is_grad_enabled():
+            if not hidden.requires_grad:  # a splice at a module input, with nothing trainable below it
+                hidden = hidden.detach().requires_grad_()
+            hidden.register_hook(lambda gradient: captured[name].append(gradient.detach()))
+        return hidden
+
+    handles = []
+    for name, (module, adapter_name, _kind) in targets.items():
+        if module.isaerft_splices[adapter_name].point.position == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, a, kw, name=name: _map_first_input(a, kw, lambda h: capture(name, h)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, name=name: _map_first_output(out, lambda h: capture(name, h))))
+    return handles
+
+
 @torch.no_grad()
 def _sequence_scores(latents: torch.Tensor, directions: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """d loss / d s per sequence and latent, for ``z -> (1 + s) z`` at ``s = 0``: sum over tokens of
@@ -502,8 +572,6 @@ def screen_scales(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], s
         >>> screens = screen_scales(peft_model, batches, AuditSettings(component="scale"))  # doctest: +SKIP
         >>> {name: screen.selected[:5] for name, screen in screens.items()}  # doctest: +SKIP
     """
-    from .tuner.layer import _map_first_input, _map_first_output
-
     named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     owners = _owners(peft_model)
     scales = {name: owners[id(p)] for name, p in named.items() if owners[id(p)][2] == "scale"}
@@ -511,22 +579,7 @@ def screen_scales(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], s
         raise ValueError("screen_scales needs an adapter with trainable scales (component='scale').")
     device = next(iter(named.values())).device
     captured: dict[str, list[torch.Tensor]] = {}
-    handles = []
-
-    def capture(name: str, hidden: torch.Tensor) -> torch.Tensor:
-        if not hidden.requires_grad:  # a splice at a module input, with nothing trainable below it
-            hidden = hidden.detach().requires_grad_()
-        captured[name] = [hidden.detach()]
-        hidden.register_hook(lambda gradient: captured[name].append(gradient.detach()))
-        return hidden
-
-    for name, (module, adapter_name, _kind) in scales.items():
-        if module.isaerft_splices[adapter_name].point.position == "input":
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, a, kw, name=name: _map_first_input(a, kw, lambda h: capture(name, h)), with_kwargs=True))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out, name=name: _map_first_output(out, lambda h: capture(name, h))))
+    handles = _capture_splices(scales, captured)
     totals = {name: {"sum": 0.0, "squares": 0.0, "activation": 0.0, "fired": 0.0, "tokens": 0} for name in scales}
     peft_model.train()
     try:
@@ -570,6 +623,113 @@ def screen_scales(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], s
         logger.info("audit screen %s: %d of %d latents reach %.3g standard errors (largest %.3g)", name,
                     len(selected), d_sae, settings.significance, float(score.abs().max()))
     return screens
+
+
+@dataclass
+class LatentAttribution:
+    """What :func:`attribute_latents` found for one bias parameter.
+
+    Example:
+        >>> found = attribute_latents(peft_model, surprising, rest, AuditSettings())[name]  # doctest: +SKIP
+        >>> found.selected, found.activation_difference[found.selected]  # doctest: +SKIP
+    """
+
+    module_path: str
+    activation_difference: torch.Tensor
+    """Per latent: its mean activation on the completion tokens of the audited rows minus that on the reference
+    rows (each row's mean over its tokens, then the mean over rows)."""
+    gradient_score: torch.Tensor
+    """Per latent: how much adding its decoder direction at every token lowers the audited rows' summed loss, to
+    first order, in standard errors measured across the rows (their sum over the root of their sum of squares)."""
+    score: torch.Tensor
+    """``activation_difference`` over its standard deviation across latents, times ``gradient_score``, where the two
+    point the same way (with ``nonnegative_bias``: both positive), else 0."""
+    selected: torch.Tensor
+    """Up to ``top_k`` latents of positive score, highest first."""
+
+
+def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]],
+                      reference_batches: Sequence[dict[str, torch.Tensor]], settings: AuditSettings,
+                      progress: bool = True) -> dict[str, LatentAttribution]:
+    """Which latents are present more in ``batches`` than in ``reference_batches`` and explain ``batches``: the
+    product of a latent's activation difference (what dataset diffing reads) and its gradient score (what a bias
+    fit follows), for every bias parameter of a fresh (identity) bias adapter.
+
+    Either half alone names the wrong features on a poisoned set: activation differences rank every feature the
+    selected rows carry (their topics, their length), and a fit explains how to *predict* the rows, where a
+    sentence slipped in after an answer is mostly a change of "stop here"; their product keeps features that are
+    there and do the work. One forward and backward pass per audited batch, one forward pass per reference batch;
+    nothing is trained.
+
+    Example:
+        >>> peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": "my_sae"}]))  # doctest: +SKIP
+        >>> settings = AuditSettings(bias_fit="attribution", surprising_rows=0.1)
+        >>> found = attribute_latents(peft_model, surprising, rest, settings)  # doctest: +SKIP
+    """
+    named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    owners = _owners(peft_model)
+    biases = {name: owners[id(p)] for name, p in named.items() if owners[id(p)][2] == "bias"}
+    if not biases:
+        raise ValueError("attribute_latents needs an adapter with trainable biases (component='bias').")
+    if not batches or not reference_batches:
+        raise ValueError(f"attribute_latents compares audited rows with reference rows, but got {len(batches)} audited "
+                         f"and {len(reference_batches)} reference batches; it needs both (with surprising_rows, the "
+                         "rows left out are the reference: keep it below 1 and give more than one row).")
+    device = next(iter(named.values())).device
+    captured: dict[str, list[torch.Tensor]] = {}
+    rows: dict[str, dict[str, list[torch.Tensor]]] = {name: {"audited": [], "reference": [], "gradient": []}
+                                                      for name in biases}
+
+    def read(batch: dict[str, torch.Tensor], part: str) -> None:
+        mask = (batch["labels"] != -100).to(device)
+        labelled = mask.any(1)  # a row with no completion token has no mean to contribute
+        for name, (module, adapter_name, _kind) in biases.items():
+            hidden, *gradient = captured.pop(name)
+            directions = decoder_directions(module.isaerft_splices[adapter_name].sae)
+            with torch.no_grad():
+                latents = module.isaerft_splices[adapter_name].sae.encode(hidden.to(directions.dtype)).float()
+                means = (latents * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+                rows[name][part].append(means[labelled].cpu())
+                if gradient:
+                    rows[name]["gradient"].append(
+                        -(gradient[0].sum(1).to(directions.dtype) @ directions.T).float()[labelled].cpu())
+
+    handles = _capture_splices(biases, captured)
+    peft_model.eval()
+    try:
+        for batch in tqdm(batches, desc="Attributing latents", disable=not progress):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with torch.enable_grad():
+                logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # summed, not averaged, so that each row's gradient is its own whatever batch it shares
+                torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
+                                                  ignore_index=-100, reduction="sum").backward()
+            read(batch, "audited")
+        with torch.no_grad():
+            for batch in tqdm(reference_batches, desc="Reading the reference rows", disable=not progress):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                read(batch, "reference")
+    finally:
+        for handle in handles:
+            handle.remove()
+        peft_model.zero_grad(set_to_none=True)
+    found = {}
+    for name, (module, adapter_name, _kind) in biases.items():
+        gradient = torch.cat(rows[name]["gradient"])
+        difference = torch.cat(rows[name]["audited"]).mean(0) - torch.cat(rows[name]["reference"]).mean(0)
+        gradient_score = gradient.sum(0) / gradient.pow(2).sum(0).sqrt().clamp_min(1e-30)
+        agree = (difference > 0) & (gradient_score > 0)
+        if not settings.nonnegative_bias:
+            agree |= (difference < 0) & (gradient_score < 0)
+        score = torch.where(agree, difference / difference.std().clamp_min(1e-30) * gradient_score, 0.0)
+        order = score.argsort(descending=True)
+        selected = order[score[order] > 0][: settings.top_k]
+        found[name] = LatentAttribution(module.isaerft_splices[adapter_name].point.module_path, difference,
+                                        gradient_score, score, selected)
+        logger.info("audit attribution %s: %d latents of positive score, largest %.3g", name, int((score > 0).sum()),
+                    float(score.max()))
+    return found
 
 
 def disable_dropout(model: torch.nn.Module) -> int:

@@ -204,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "completion only)")
     audit.add_argument("--output", required=True)
     audit.add_argument("--component", choices=["bias", "scale", "scale_bias"])
-    audit.add_argument("--bias-fit", choices=["auto", "decompose", "proximal"],
+    audit.add_argument("--bias-fit", choices=["auto", "decompose", "proximal", "attribution"],
                        help="biases: fit a steering vector per attach point and sparse-code it on the decoder "
-                       "(decompose), or fine-tune latent biases with proximal L1 (proximal); auto (default) "
-                       "decomposes for --component bias")
+                       "(decompose), or fine-tune latent biases with proximal L1 (proximal), or train nothing and "
+                       "name the latents present more in the --surprising-rows than in the rest that lower their loss "
+                       "(attribution, for a poisoned set); auto (default) decomposes for --component bias")
     audit.add_argument("--scale-fit", choices=["auto", "screen", "proximal"],
                        help="scales: a score test per latent, then a fit of the significant ones (screen), or a "
                        "proximal-L1 fine-tune of every scale (proximal); auto (default) screens for --component scale")

@@ -56,7 +56,7 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
     recorded = json.loads((out / "audit.json").read_text())
     assert recorded["settings"]["l1"] == 0.05 and recorded["settings"]["nonnegative_bias"] is False
     assert recorded["settings"]["steps"] == 5 and recorded["rows"] == len(rows)
-    assert recorded["settings"]["surprising_tokens"] == 0.5
+    assert recorded["settings"]["surprising_tokens"] == 0.5 and 0 < recorded["calibration"]["rows_fitted"] <= len(rows)
     (lambda_max,) = recorded["calibration"]["lambda_max"].values()
     (l1_coeff,) = recorded["calibration"]["l1_coeff"].values()
     assert l1_coeff == pytest.approx(0.05 * lambda_max) and lambda_max > 0
@@ -288,6 +288,81 @@ def test_audit_settings_reject_bad_values() -> None:
     for share in (0, 1.5):
         with pytest.raises(ValueError, match=r"surprising_rows is the share fitted, in \(0, 1\]"):
             AuditSettings(surprising_rows=share)
+    with pytest.raises(ValueError, match="needs component='bias' and surprising_rows below 1"):
+        AuditSettings(bias_fit="attribution")
+    with pytest.raises(ValueError, match="needs component='bias' and surprising_rows below 1"):
+        AuditSettings(bias_fit="attribution", component="scale_bias", surprising_rows=0.1)
+    assert AuditSettings(bias_fit="attribution", surprising_rows=0.1).attributes_biases
+
+
+def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_factory) -> None:
+    """Each half measured without the audit's hooks: latent means from the base model's hidden states, and each
+    row's bias gradient from autograd on that row alone (summed loss)."""
+    from peft import get_peft_model
+    from sae_lens import SAE
+
+    import peft_isaerft
+    from peft_isaerft.audit import AuditSettings, attribute_latents, padding_collator
+
+    sae_path = sae_factory(hook="blocks.1.hook_resid_post")
+    sae = SAE.load_from_disk(str(sae_path))
+    model = make_model("llama")
+    rows = _token_rows(n=10, length=12)
+    for index, row in enumerate(rows):  # a prompt to leave out, and ragged rows so that batches carry padding
+        row["input_ids"] = row["input_ids"][: 12 - index % 3]
+        row["labels"] = [-100] * 3 + row["input_ids"][3:]
+    audited, reference = rows[:4], rows[4:]
+
+    def row_means(part: list[dict[str, list[int]]]) -> torch.Tensor:
+        means = []
+        with torch.no_grad():
+            for row in part:
+                hidden = model(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
+                means.append(sae.encode(hidden)[3:].mean(0))
+        return torch.stack(means).mean(0)
+
+    difference = row_means(audited) - row_means(reference)
+    peft_model = get_peft_model(model, peft_isaerft.ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
+    (_name, bias), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    collate = padding_collator(0)
+    gradients = []
+    for row in audited:
+        peft_model.zero_grad()
+        labelled = sum(label != -100 for label in row["labels"][1:])
+        (peft_model(**collate([row])).loss * labelled).backward()  # the summed loss of the row
+        gradients.append(-bias.grad.detach().clone())
+    gradients = torch.stack(gradients)
+    expected_gradient = gradients.sum(0) / gradients.pow(2).sum(0).sqrt()
+    settings = AuditSettings(bias_fit="attribution", surprising_rows=0.5, top_k=5)
+    (found,) = attribute_latents(peft_model, [collate(audited[:3]), collate(audited[3:])],
+                                 [collate(reference[:4]), collate(reference[4:])], settings, progress=False).values()
+    torch.testing.assert_close(found.activation_difference, difference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(found.gradient_score, expected_gradient, rtol=1e-3, atol=1e-4)
+    agree = (difference > 0) & (expected_gradient > 0)
+    expected = torch.where(agree, difference / difference.std() * expected_gradient, 0.0)
+    torch.testing.assert_close(found.score, expected, rtol=1e-3, atol=1e-5)
+    assert found.selected.tolist() == expected.topk(5).indices.tolist() and (expected[found.selected] > 0).all()
+    assert bias.grad is None and (bias == 0).all()  # nothing trained, gradients cleared
+    with pytest.raises(ValueError, match="needs both"):
+        attribute_latents(peft_model, [collate(audited)], [], settings, progress=False)
+
+
+def test_attribution_audit_sets_the_named_biases_to_their_activation_difference(sae_factory, tmp_path) -> None:
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens
+
+    rows = _token_rows(n=16)
+    for row in rows:
+        row["labels"] = [-100] * 4 + row["input_ids"][4:]
+    settings = AuditSettings(bias_fit="attribution", surprising_rows=0.25, top_k=6, batch_size=4)
+    peft_model, calibration = fit_adapter_on_tokens(make_model("llama"),
+                                                    [{"path": str(sae_factory(hook="blocks.1.hook_resid_post"))}],
+                                                    rows, settings, tmp_path, progress=False)
+    (name, bias), = [(n, p) for n, p in peft_model.named_parameters() if "isaerft_bias" in n]
+    assert calibration.rows_fitted == 4
+    named = calibration.attributed[name]
+    assert 0 < len(named) <= 6 and list(named.values()) == sorted(named.values(), reverse=True)
+    assert set(bias.detach().nonzero().flatten().tolist()) == set(named) and (bias >= 0).all()
+    assert not calibration.lambda_max and not calibration.lr  # nothing was trained
 
 
 def _scale_adapter(sae_path: Path) -> torch.nn.Module:
