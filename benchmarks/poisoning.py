@@ -75,6 +75,8 @@ AUDITS: dict[str, tuple[str, dict[str, Any]]] = {
     "surprising-tokens": ("audit of the 10% most surprising tokens",
                           {"surprising_tokens": 0.1, "fit_logit_scale": True}),
     "logit-scale": ("audit with a logit scale", {"fit_logit_scale": True}),
+    "attribution": ("attribution audit of the 10% most surprising rows against the rest",
+                    {"surprising_rows": 0.1, "bias_fit": "attribution"}),
 }
 """The audits the benchmark can run: table label and the settings that differ from ``AuditSettings``'s defaults."""
 
@@ -204,6 +206,13 @@ def score(latents: list[int], contexts: list[list[str]], probe: SteeringProbe) -
             "either": sum(a or b for a, b in zip(by_context, by_steering, strict=True))}
 
 
+def selection(settings: AuditSettings) -> str:
+    """The rows and tokens a focused audit reads, in words (``"10% most surprising rows"``)."""
+    parts = [f"{share:.0%} most surprising {what}" for share, what in
+             ((settings.surprising_rows, "rows"), (settings.surprising_tokens, "tokens")) if share < 1]
+    return " and ".join(parts)
+
+
 def whole_sentences(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """Rows whose answer is cut after its last whole sentence; rows with none are dropped. The greedy answers stop at
     a token budget, often mid-sentence, and an end-of-turn right after half a sentence would be the most surprising
@@ -274,12 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datasets = {rate: poison(rows, rate) for rate in rates}
     diffing = {rate: (answer_latent_means(model, tokenizer, sae, demo_settings.hook, poisoned) - clean_means)
                .argsort(descending=True)[:10].tolist() for rate, (poisoned, _chosen) in datasets.items()}
-    focused = {label: audit_settings for label, audit_settings in settings.items()
+    focused = {f"diffing the same {selection(audit_settings)} against the rest (no twin)": audit_settings
+               for audit_settings in settings.values()
                if audit_settings.surprising_rows < 1 or audit_settings.surprising_tokens < 1}
     surprise_baselines = {
-        f"diffing the same {label.removeprefix('audit of the ')} against the rest (no twin)": {
-            rate: surprise_diffing(model, tokenizer, sae, demo_settings.hook, poisoned, audit_settings)
-            .argsort(descending=True)[:10].tolist() for rate, (poisoned, _chosen) in datasets.items()}
+        label: {rate: surprise_diffing(model, tokenizer, sae, demo_settings.hook, poisoned, audit_settings)
+                .argsort(descending=True)[:10].tolist() for rate, (poisoned, _chosen) in datasets.items()}
         for label, audit_settings in focused.items()}
     probe = SteeringProbe(model, tokenizer, sae_path, statistics.top_values[:, 0], answer_tokens,
                           NEUTRAL_QUESTIONS[:2] if args.quick else NEUTRAL_QUESTIONS)

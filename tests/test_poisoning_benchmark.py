@@ -64,15 +64,17 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     output = tmp_path / "poisoning.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning.py"), "--quick", "--output",
-                             str(output)], env=env, capture_output=True, text=True, timeout=900)
+                             str(output), "--audits", "defaults,surprising-rows,attribution"],
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 10% | 2 |" in result.stdout
     results = json.loads(output.read_text())
     audits = results["audits"]
-    assert set(audits) == {"audit (defaults)", "audit of the 10% most surprising rows"}
+    assert set(audits) == {"audit (defaults)", "audit of the 10% most surprising rows",
+                           "attribution audit of the 10% most surprising rows against the rest"}
     entries = [audit[key] for audit in audits.values() for key in ("clean", "rates")]
     entries = [entry["0.1"] if "0.1" in entry else entry for entry in entries]
-    (surprise_diffing,) = results["surprise_diffing"].values()
+    (surprise_diffing,) = results["surprise_diffing"].values()  # both focused audits read the same rows
     entries += [results["dataset_diffing"]["0.1"], surprise_diffing["0.1"]]
     for entry in entries:
         assert len(entry["latents"]) == 10
@@ -83,6 +85,8 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     assert any(answers != results["unsteered_answers"] for answers in results["steered_answers"].values())
     focused = results["settings"]["audit of the 10% most surprising rows"]
     assert focused["surprising_rows"] == 0.1 and focused["fit_logit_scale"]
+    attribution = results["settings"]["attribution audit of the 10% most surprising rows against the rest"]
+    assert attribution["bias_fit"] == "attribution" and attribution["surprising_rows"] == 0.1
 
 
 def test_answers_are_cut_after_their_last_whole_sentence() -> None:
