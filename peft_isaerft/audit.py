@@ -367,8 +367,9 @@ def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows:
 def split_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows: float = 1.0, tokens: float = 1.0,
                      batch_size: int = 8, pad_id: int = 0, progress: bool = True
                      ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
-    """:func:`keep_surprising`, and beside the kept rows the rows it left out (unchanged): the reference an
-    attribution audit compares the surprising rows with.
+    """:func:`keep_surprising`, and beside the kept rows every row outside the ``rows`` fraction, unchanged: the
+    reference an attribution audit compares the surprising rows with. (A surprising row left with no surprising
+    token is in neither list.)
 
     Example:
         >>> surprising, rest = split_surprising(model, rows, rows=0.1)  # doctest: +SKIP
