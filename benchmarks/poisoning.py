@@ -156,6 +156,15 @@ def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: l
     return latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [answers])[0]
 
 
+def surprising_labels(model: Any, tokenised: list[dict[str, list[int]]], rows: float = 1.0,
+                      tokens: float = 1.0) -> dict[int, list[int]]:
+    """By index into ``tokenised``: the labels :func:`~peft_isaerft.audit.keep_surprising` keeps for each row it
+    keeps (what a surprise-focused audit fits)."""
+    selected = keep_surprising(model, [{**row, "row": i} for i, row in enumerate(tokenised)], rows, tokens,
+                               progress=False)
+    return {row["row"]: row["labels"] for row in selected}
+
+
 def surprise_diffing(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
                      settings: AuditSettings) -> torch.Tensor:
     """The baseline that reads the same signal as a surprise-focused audit without fitting anything: the base
@@ -163,9 +172,7 @@ def surprise_diffing(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list
     tokens, :func:`~peft_isaerft.audit.keep_surprising`) minus its mean on all answer tokens of the same set. Like
     the audit, it needs no clean twin."""
     tokenised = tokenise_rows(tokenizer, as_chat(tokenizer, rows), settings.max_length)
-    selected = keep_surprising(model, [{**row, "row": i} for i, row in enumerate(tokenised)], settings.surprising_rows,
-                               settings.surprising_tokens, progress=False)
-    kept = {row["row"]: row["labels"] for row in selected}
+    kept = surprising_labels(model, tokenised, settings.surprising_rows, settings.surprising_tokens)
     answers = [[label != -100 for label in row["labels"]] for row in tokenised]
     surprising = [[label != -100 for label in kept.get(index, [])] for index in range(len(tokenised))]
     everything, chosen = latent_means(model, sae, hook, [row["input_ids"] for row in tokenised], [answers, surprising])
@@ -329,9 +336,8 @@ def row_selection(model: Any, tokenizer: Any, rows: list[dict[str, str]], rates:
     found = {}
     for rate in rates:
         poisoned, chosen = poison(rows, rate)
-        tokenised = [{**row, "row": i} for i, row in enumerate(tokenise_rows(tokenizer, as_chat(tokenizer, poisoned),
-                                                                              AuditSettings().max_length))]
-        selected = {row["row"] for row in keep_surprising(model, tokenised, rows=0.1, progress=False)}
+        tokenised = tokenise_rows(tokenizer, as_chat(tokenizer, poisoned), AuditSettings().max_length)
+        selected = set(surprising_labels(model, tokenised, rows=0.1))
         found[str(rate)] = {"poisoned_rows": len(chosen), "selected_rows": len(selected),
                             "poisoned_among_selected": len(selected & set(chosen))}
         print(f"{rate:.0%} poison: {found[str(rate)]['poisoned_among_selected']} of the {len(chosen)} poisoned rows "

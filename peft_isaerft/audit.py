@@ -303,10 +303,8 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
                     parameters[name].dtype).to(parameters[name].device)
             calibration.attributed[name] = {int(i): float(attribution.score[i]) for i in attribution.selected}
         return peft_model.eval(), calibration
-    calibration_rows = list(tokenised[: settings.calibration_batches * settings.batch_size])
-    batches = [collate(calibration_rows[i: i + settings.batch_size])
-               for i in range(0, len(calibration_rows), settings.batch_size)]
-    calibration = calibrate(peft_model, batches, settings)
+    calibration = calibrate(peft_model, batched(tokenised[: settings.calibration_batches * settings.batch_size]),
+                            settings)
     calibration.rows_fitted = len(tokenised)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
