@@ -77,6 +77,8 @@ AUDITS: dict[str, tuple[str, dict[str, Any]]] = {
     "logit-scale": ("audit with a logit scale", {"fit_logit_scale": True}),
     "attribution": ("attribution audit of the 10% most surprising rows against the rest",
                     {"surprising_rows": 0.1, "bias_fit": "attribution"}),
+    "attribution-tokens": ("attribution audit of the 20% most surprising tokens of the 10% most surprising rows",
+                           {"surprising_rows": 0.1, "surprising_tokens": 0.2, "bias_fit": "attribution"}),
 }
 """The audits the benchmark can run: table label and the settings that differ from ``AuditSettings``'s defaults."""
 
@@ -242,6 +244,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the audit's component (scale: the score-test audit of token-dependent scales)")
     parser.add_argument("--audits", default="defaults,surprising-rows",
                         help=f"audits to run, comma-separated, from {', '.join(AUDITS)}")
+    parser.add_argument("--sae-tokens", type=int, default=None,
+                        help="train (or load) the demo's SAE on this many distinct tokens instead of the demo's 80k "
+                        "(with --sae-epochs; 400000 and 1 epoch: an SAE on 5x more distinct text)")
+    parser.add_argument("--sae-epochs", type=int, default=None, help="the SAE's epochs over its tokens (default: the "
+                        "demo's 6)")
     parser.add_argument("--row-selection", action="store_true",
                         help="only count the poisoned rows among the 10%% most surprising rows at each rate (minutes)")
     parser.add_argument("--output", default=None,
@@ -249,6 +256,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     started = time.time()
     demo_settings = DemoSettings.quick() if args.quick else DemoSettings()
+    for flag, value in (("--sae-tokens", args.sae_tokens), ("--sae-epochs", args.sae_epochs)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be a positive number, got {value}")
+    if args.sae_tokens is not None:
+        demo_settings.sae_tokens = args.sae_tokens
+    if args.sae_epochs is not None:
+        demo_settings.sae_epochs = args.sae_epochs
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:
         parser.error(f"unknown audits {sorted(unknown)}; choose from {', '.join(AUDITS)}")
@@ -318,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results.update({
         "rows": len(rows), "latents": sae.cfg.d_sae, "latents_with_poison_words_in_contexts": with_poison_words,
+        "sae": {"tokens": demo_settings.sae_tokens, "epochs": demo_settings.sae_epochs, "hook": demo_settings.hook},
         "unsteered_answers": probe.unsteered, "settings": {k: asdict(v) for k, v in settings.items()},
         "seconds": time.time() - started, "steered_answers": {str(k): v for k, v in probe.cache.items()},
         "contexts_of_named": {str(k): contexts[k] for k in sorted(probe.cache)},

@@ -365,6 +365,43 @@ def test_attribution_audit_sets_the_named_biases_to_their_activation_difference(
     assert not calibration.lambda_max and not calibration.lr  # nothing was trained
 
 
+def test_attribution_audit_of_surprising_tokens_reads_those_tokens_only(sae_factory, tmp_path) -> None:
+    """With ``surprising_tokens`` below 1 the activation half is the mean over the kept tokens of each kept row (not
+    over the whole completion), against the whole completions of the rows left out."""
+    from sae_lens import SAE
+
+    from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens, split_surprising
+
+    sae_path = sae_factory(hook="blocks.1.hook_resid_post")
+    sae = SAE.load_from_disk(str(sae_path))
+    model = make_model("llama")
+    rows = _token_rows(n=16)
+    for row in rows:
+        row["labels"] = [-100] * 4 + row["input_ids"][4:]
+    kept, rest = split_surprising(model, rows, rows=0.25, tokens=0.3, progress=False)
+    completion_tokens = sum(len(row["labels"]) - 4 for row in kept)
+    kept_tokens = sum(label != -100 for row in kept for label in row["labels"])
+    assert len(kept) == 4 and len(rest) == 12 and 0 < kept_tokens < completion_tokens
+
+    def mean_over_labelled(part: list[dict[str, list[int]]]) -> torch.Tensor:
+        means = []
+        with torch.no_grad():
+            for row in part:
+                hidden = model(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
+                means.append(sae.encode(hidden)[torch.tensor(row["labels"]) != -100].mean(0))
+        return torch.stack(means).mean(0)
+
+    expected = mean_over_labelled(kept) - mean_over_labelled(rest)
+    settings = AuditSettings(bias_fit="attribution", surprising_rows=0.25, surprising_tokens=0.3, top_k=6,
+                             batch_size=4)
+    peft_model, calibration = fit_adapter_on_tokens(model, [{"path": str(sae_path)}], rows, settings, tmp_path,
+                                                    progress=False)
+    (name, bias), = [(n, p) for n, p in peft_model.named_parameters() if "isaerft_bias" in n]
+    named = torch.tensor(sorted(calibration.attributed[name]))
+    assert calibration.rows_fitted == 4 and len(named) > 0
+    torch.testing.assert_close(bias.detach()[named], expected[named], rtol=1e-4, atol=1e-5)
+
+
 def _scale_adapter(sae_path: Path) -> torch.nn.Module:
     from peft import get_peft_model
 

@@ -64,11 +64,15 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     output = tmp_path / "poisoning.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning.py"), "--quick", "--output",
-                             str(output), "--audits", "defaults,surprising-rows,attribution"],
+                             str(output), "--audits", "defaults,surprising-rows,attribution",
+                             "--sae-tokens", "2500", "--sae-epochs", "1"],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 10% | 2 |" in result.stdout
     results = json.loads(output.read_text())
+    # the SAE the flags asked for was trained (its own cache folder) and is the one recorded
+    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.15.hook_resid_post"}
+    assert list((tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json"))
     audits = results["audits"]
     assert set(audits) == {"audit (defaults)", "audit of the 10% most surprising rows",
                            "attribution audit of the 10% most surprising rows against the rest"}
@@ -105,3 +109,10 @@ def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path) 
         assert entry["selected_rows"] == 2  # a tenth of the quick run's 24 rows
         assert 0 <= entry["poisoned_among_selected"] <= min(entry["poisoned_rows"], entry["selected_rows"])
     assert found["0.5"]["poisoned_rows"] == 12
+
+
+@pytest.mark.parametrize("flag", ["--sae-tokens", "--sae-epochs"])
+def test_sae_flags_refuse_nonpositive_values(flag, capsys) -> None:
+    with pytest.raises(SystemExit):
+        poisoning.main([flag, "0"])
+    assert f"{flag} must be a positive number, got 0" in capsys.readouterr().err
