@@ -11,9 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -525,10 +526,12 @@ def typical_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask & (norms <= SINK_NORM_RATIO * norms[mask].median())
 
 
-def _capture_splices(targets: dict[str, tuple[Any, str, str]],
-                     captured: dict[str, list[torch.Tensor]]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks that put each target splice's hidden states in ``captured[name]`` on every forward pass, followed by
-    their gradient once a backward pass reaches them. The caller removes the returned handles."""
+@contextlib.contextmanager
+def _capturing_splices(peft_model: Any, targets: dict[str, tuple[Any, str, str]],
+                       captured: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each target splice's hidden states go to ``captured[name]`` on every forward pass, followed
+    by their gradient once a backward pass reaches them; on leaving it the hooks are removed and the gradients the
+    passes left on ``peft_model`` cleared, whatever happened inside."""
     from .tuner.layer import _map_first_input, _map_first_output
 
     def capture(name: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -547,7 +550,12 @@ def _capture_splices(targets: dict[str, tuple[Any, str, str]],
         else:
             handles.append(module.register_forward_hook(
                 lambda _m, _a, out, name=name: _map_first_output(out, lambda h: capture(name, h))))
-    return handles
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        peft_model.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -578,10 +586,9 @@ def screen_scales(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], s
         raise ValueError("screen_scales needs an adapter with trainable scales (component='scale').")
     device = next(iter(named.values())).device
     captured: dict[str, list[torch.Tensor]] = {}
-    handles = _capture_splices(scales, captured)
     totals = {name: {"sum": 0.0, "squares": 0.0, "activation": 0.0, "fired": 0.0, "tokens": 0} for name in scales}
     peft_model.train()
-    try:
+    with _capturing_splices(peft_model, scales, captured):
         for batch in tqdm(batches, desc="Screening latent scales", disable=not progress):
             batch = {key: value.to(device) for key, value in batch.items()}
             with torch.enable_grad():
@@ -602,10 +609,6 @@ def screen_scales(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], s
                 total["activation"] = total["activation"] + typical_latents.sum(0)
                 total["fired"] = total["fired"] + (typical_latents > 0).float().sum(0)
                 total["tokens"] += int(typical.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-        peft_model.zero_grad(set_to_none=True)
     screens = {}
     for name, (module, adapter_name, _kind) in scales.items():
         total = totals[name]
@@ -693,9 +696,8 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
                     rows[name]["gradient"].append(
                         -(gradient[0].sum(1).to(directions.dtype) @ directions.T).float()[labelled].cpu())
 
-    handles = _capture_splices(biases, captured)
     peft_model.eval()
-    try:
+    with _capturing_splices(peft_model, biases, captured):
         for batch in tqdm(batches, desc="Attributing latents", disable=not progress):
             batch = {key: value.to(device) for key, value in batch.items()}
             with torch.enable_grad():
@@ -709,10 +711,6 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
                 batch = {key: value.to(device) for key, value in batch.items()}
                 peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 read(batch, "reference")
-    finally:
-        for handle in handles:
-            handle.remove()
-        peft_model.zero_grad(set_to_none=True)
     found = {}
     for name, (module, adapter_name, _kind) in biases.items():
         gradient = torch.cat(rows[name]["gradient"])

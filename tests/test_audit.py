@@ -444,6 +444,19 @@ def test_scale_screen_scores_are_the_gradient_over_its_spread_across_sequences(s
     assert scale.grad is None and (scale == 0).all()  # nothing trained, gradients cleared
 
 
+
+def test_screen_leaves_no_hook_and_no_gradient_behind_when_a_batch_fails(sae_factory) -> None:
+    from peft_isaerft.audit import AuditSettings, padding_collator, screen_scales
+
+    peft_model = _scale_adapter(sae_factory(hook="blocks.1.hook_resid_post"))
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in peft_model.modules())
+    good = padding_collator(0)(_token_rows(n=2))
+    broken = {key: value for key, value in good.items() if key != "labels"}  # no loss to backpropagate
+    with pytest.raises(AttributeError):
+        screen_scales(peft_model, [good, broken], AuditSettings(component="scale"), progress=False)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in peft_model.modules()) == hooks
+    assert all(p.grad is None for p in peft_model.parameters())
+
 def test_scale_audit_fits_only_the_latents_that_reach_significance(sae_factory, tmp_path, caplog) -> None:
     from peft_isaerft.audit import AuditSettings, fit_adapter_on_tokens, screen_scales
 
