@@ -255,14 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     args = parser.parse_args(argv)
     started = time.time()
-    demo_settings = DemoSettings.quick() if args.quick else DemoSettings()
     for flag, value in (("--sae-tokens", args.sae_tokens), ("--sae-epochs", args.sae_epochs)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be a positive number, got {value}")
-    if args.sae_tokens is not None:
-        demo_settings.sae_tokens = args.sae_tokens
-    if args.sae_epochs is not None:
-        demo_settings.sae_epochs = args.sae_epochs
+    demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:
         parser.error(f"unknown audits {sorted(unknown)}; choose from {', '.join(AUDITS)}")

@@ -102,11 +102,7 @@ def _audit(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
-    if args.sae_tokens is not None:
-        settings.sae_tokens = args.sae_tokens
-    if args.sae_epochs is not None:
-        settings.sae_epochs = args.sae_epochs
+    settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
     run_demo(model=args.model, output_dir=args.output, steps=args.steps, settings=settings)
     return 0
 

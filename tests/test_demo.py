@@ -66,3 +66,13 @@ def test_notebook_executes_at_reduced_size(tmp_path) -> None:
                       for o in cell.get("outputs", []))
     assert "of held-out answers" in outputs and "hook_resid_post" in outputs
 
+
+
+def test_with_sae_changes_only_the_sae_size_it_is_given_on_a_copy() -> None:
+    from peft_isaerft.demo import DemoSettings
+
+    quick = DemoSettings.quick()
+    larger = quick.with_sae(tokens=4_000)
+    assert (larger.sae_tokens, larger.sae_epochs) == (4_000, quick.sae_epochs)
+    assert larger.sae_width_multiple == quick.sae_width_multiple and quick.sae_tokens == 3_000
+    assert quick.with_sae() == quick and quick.with_sae(epochs=1).sae_epochs == 1

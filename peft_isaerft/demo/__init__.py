@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,16 @@ class DemoSettings:
     def quick(cls) -> DemoSettings:
         return cls(sae_tokens=3_000, sae_width_multiple=2, sae_epochs=2, steps=3, batch_size=4,
                    eval_questions=4, new_tokens=6, label_texts=16, kl_texts=4)
+
+    def with_sae(self, tokens: int | None = None, epochs: int | None = None) -> DemoSettings:
+        """A copy whose SAE trains on ``tokens`` distinct corpus tokens for ``epochs`` epochs (None keeps this one's).
+
+        Example:
+            >>> DemoSettings().with_sae(tokens=400_000, epochs=1).sae_tokens
+            400000
+        """
+        changes = {"sae_tokens": tokens, "sae_epochs": epochs}
+        return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
 
 def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
