@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call on a lent GPU machine (about 5 minutes on one H200):
-# the speed benchmark's gemma-2-2b preset and the FSDP recipe (train under `accelerate launch` with FSDP, save,
+# every splice path against plain autograd on the GPU (benchmarks/gpu_equality.py), the speed benchmark's gemma-2-2b
+# preset and the FSDP recipe (train under `accelerate launch` with FSDP, save,
 # reload in a fresh process, compare). Results go to $OUT (default: benchmarks/results/gpu).
 # The machine has torch, transformers' dependencies and accelerate but no sae-lens and no registry: the wheels come
 # from ../shared/gpu/wheelhouse.sh, built into .whl beside this checkout.
 #   bash benchmarks/gpu_run.sh          (on the GPU machine, from the checkout)
 #   QUICK=1 bash benchmarks/gpu_run.sh  (tiny shapes, to check the script on a CPU; skips the FSDP launch)
-#   FSDP=0 bash benchmarks/gpu_run.sh   (the speed preset only)
+#   FSDP=0 bash benchmarks/gpu_run.sh   (the equality check and the speed preset only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -19,6 +20,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft, sae_lens, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'sae-lens', sae_lens.__version__, 'accelerate', accelerate.__version__)"
 quick=${QUICK:+--quick}
+timeout 240 python3 benchmarks/gpu_equality.py $quick --output "$OUT/equality.json" 2>&1 \
+  | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/equality.log"
 timeout 480 python3 benchmarks/speed.py --preset gemma-2-2b $quick --output "$OUT/speed_gemma-2-2b.json" 2>&1 \
   | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/preset.log"
 if [ -z "${QUICK:-}" ] && [ "${FSDP:-1}" != 0 ]; then

@@ -65,8 +65,8 @@ SPLIT_ENCODER_DEVICES = {"cuda"}
 the encoder split into three bfloat16 parts (:func:`split_bf16`), accumulated in float32 (``ISaeRFTConfig.
 sae_split_encoder``, on by default). The parts hold all 24 bits of each weight and every product of bfloat16 values is
 exact in float32, so only the accumulation differs from the float32 product: measured on an H200, the splice changes
-by 0.6% (a float32 product summed in another order: 0.02%; TF32: 2.2%) and a trained adapter by 1.3%, within the
-0.85% two float32 runs differ by; the encoder pass is 3.9x faster. Elsewhere (CPUs have no bfloat16 x bfloat16 ->
+by 0.6% (a float32 product summed in another order: 0.02%; TF32: 2.2%) and a trained adapter by 1.3%, against
+0.8 to 1.0% between two float32 runs; the encoder pass is 3.9x faster. Elsewhere (CPUs have no bfloat16 x bfloat16 ->
 float32 product) the float32 product."""
 
 

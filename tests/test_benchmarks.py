@@ -1,6 +1,6 @@
 """The benchmarks' machinery at tiny sizes (the real runs are minutes long and are not tests): the GPU preset of the
-speed benchmark, one-method-per-process timing, and the FSDP check's train/save/reload comparison (here without FSDP,
-which needs a GPU)."""
+speed benchmark, the GPU equality check of every splice path, one-method-per-process timing, and the FSDP check's
+train/save/reload comparison (here without FSDP, which needs a GPU)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ def test_gpu_preset_runs_at_tiny_size_and_reports_every_figure(tmp_path) -> None
                                         "sae_tf32", "sae_dtype bf16"}
     assert result["precision"]["fp32 again"]["top20_overlap"] == 1.0  # on a CPU two float32 runs are identical
     assert (tmp_path / "preset_profile.txt").read_text().strip()
+
+
+def test_gpu_equality_check_covers_every_case_and_flags_a_wrong_path(tmp_path) -> None:
+    output = tmp_path / "equality.json"
+    _run("benchmarks/gpu_equality.py", "--quick", "--output", str(output))
+    result = json.loads(output.read_text())
+    assert result["failed"] == 0 and len(result["cases"]) == 4 * 4 * 2
+    assert {c["architecture"] for c in result["cases"] if c["compact_path"]} == {"standard", "topk", "jumprelu"}
+    for case in result["cases"]:
+        assert "grad isaerft_" + {"scale": "scale", "scale_bias": "bias", "clamp": "clamp_gate",
+                                  "latent_map": "map_source"}[case["component"]] in case["relative_error"]
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from gpu_equality import compare
+
+    dense = (torch.ones(3), torch.ones(3), {"layer.isaerft_scale.default": torch.ones(3)})
+    wrong = (torch.ones(3), torch.ones(3) * 1.001, {"layer.isaerft_scale.default": torch.ones(3)})
+    case: dict = {}
+    compare(case, dense, wrong, torch.float32)
+    assert not case["within_tolerance"] and case["failures"][0].startswith("input_grad: relative error 1.00e-03")
+    compare(case, dense, wrong, torch.bfloat16)  # 0.1 % is within bfloat16's rounding
+    assert case["within_tolerance"]
 
 
 def test_speed_single_prints_one_methods_step(tmp_path) -> None:
