@@ -76,14 +76,20 @@ def build_sae(folder: Path, d_model: int, d_sae: int, layer: int, k: int) -> str
     return str(path)
 
 
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "scale-no-screen": ("scale", {"sae_bf16_screen": False}),  # the top-k searched in the float32 product
+}
+"""Methods that are a component with non-default options: name -> (component, ISaeRFTConfig options)."""
+
+
 def attach(model: LlamaForCausalLM, method: str, saes: list[str], sparse: bool = True) -> Any:
     if method == "base":
         return model
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    component = method.removesuffix("-dense")
+    component, options = VARIANTS.get(method, (method.removesuffix("-dense"), {}))
     peft_model = get_peft_model(model, ISaeRFTConfig(saes=[{"path": p} for p in saes], component=component,
-                                                     init_weights=False))
+                                                     init_weights=False, **options))
     if not sparse:
         for module in peft_model.modules():
             for splice in getattr(module, "isaerft_splices", {}).values():
@@ -155,8 +161,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=["cpu", "gemma-2-2b"], default="cpu",
                         help="cpu: the grid below; gemma-2-2b: the GPU table of benchmarks/gpu_preset.py")
     parser.add_argument("--single", choices=["base", "lora", "bias", "scale", "scale_bias", "clamp", "latent_map",
-                                             "scale-dense",
-                                             "encoder"],
+                                             "scale-dense", *VARIANTS, "encoder"],
                         help="time only this method in the d_sae 32x, seq 512 cell (1 SAE) and exit")
     args = parser.parse_args()
     if args.preset == "gemma-2-2b":

@@ -213,3 +213,53 @@ def test_sae_split_encoder_is_validated_and_reaches_the_selector(sae_factory) ->
         peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}],
                                                                        sae_split_encoder=split))
         assert peft_model.base_model.model.model.layers[1].isaerft_splices["default"].selector.split is split
+
+
+
+def test_bf16_screen_keeps_the_float32_top_k_and_its_values(sae_factory, monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: True)  # as on an AVX512-BF16 or AMX CPU
+    sae = SAE.load_from_disk(str(sae_factory(architecture="topk", d_sae=1024)))
+    hidden = torch.randn(300, HIDDEN) * 3
+    with torch.no_grad():
+        expected = sae.encode(hidden)
+    screened = TopKSelector(sae)
+    values, indices = screened(hidden)
+    assert screened._screen is not None and screened._screen[1].dtype == torch.bfloat16  # the screen ran
+    torch.testing.assert_close(_dense_from(values, indices, sae.cfg.d_sae), expected, atol=1e-6, rtol=1e-6)
+    # the rescoring is what makes it exact: the bfloat16 product's own top-k is another set on some tokens
+    monkeypatch.setattr(active_latents, "SCREEN_CANDIDATES", 0)
+    values, indices = TopKSelector(sae)(hidden)
+    assert ((_dense_from(values, indices, sae.cfg.d_sae) != 0) != (expected != 0)).any()
+
+
+def test_bf16_screen_is_skipped_where_it_would_not_pay_or_would_miss_a_hook(sae_factory, monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    sae = SAE.load_from_disk(str(sae_factory(architecture="topk", d_sae=1024)))
+    hidden = torch.randn(20, HIDDEN)
+    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: False)  # bfloat16 emulated: slower
+    selector = TopKSelector(sae)
+    selector(hidden)
+    assert selector._screen is None
+    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: True)
+    off = TopKSelector(sae, screen=False)
+    off(hidden)
+    assert off._screen is None
+    seen = []
+    handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    hooked = TopKSelector(sae)
+    hooked(hidden)
+    handle.remove()
+    assert hooked._screen is None and seen == [(20, 1024)]  # a hook on the pre-activations still sees them all
+
+
+def test_sae_bf16_screen_is_validated_and_reaches_the_selector(sae_factory) -> None:
+    folder = sae_factory(architecture="topk", hook="blocks.1.hook_resid_post")
+    with pytest.raises(ValueError, match="sae_bf16_screen must be True or False"):
+        ISaeRFTConfig(saes=[{"path": str(folder)}], sae_bf16_screen=1)
+    for screen in (True, False):
+        peft_model = get_peft_model(make_model("llama"), ISaeRFTConfig(saes=[{"path": str(folder)}],
+                                                                       sae_bf16_screen=screen))
+        assert peft_model.base_model.model.model.layers[1].isaerft_splices["default"].selector.screen is screen

@@ -1,6 +1,6 @@
 """The benchmarks' machinery at tiny sizes (the real runs are minutes long and are not tests): the GPU preset of the
-speed benchmark, the GPU equality check of every splice path, one-method-per-process timing, and the FSDP check's
-train/save/reload comparison (here without FSDP, which needs a GPU)."""
+speed benchmark, the GPU equality check of every splice path, the CPU bfloat16 screen's check, one-method-per-process
+timing, and the FSDP check's train/save/reload comparison (here without FSDP, which needs a GPU)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def test_gpu_equality_check_covers_every_case_and_flags_a_wrong_path(tmp_path) -
     assert not case["within_tolerance"] and case["failures"][0].startswith("input_grad: relative error 1.00e-03")
     compare(case, dense, wrong, torch.bfloat16)  # 0.1 % is within bfloat16's rounding
     assert case["within_tolerance"]
+
+
+def test_screen_check_compares_the_bf16_screen_with_the_float32_search(tmp_path) -> None:
+    output = tmp_path / "screen.json"
+    _run("benchmarks/screen_check.py", "--quick", "--output", str(output))
+    (case,) = json.loads(output.read_text())["cases"]
+    assert case["tokens"] == 64 and case["tokens_with_another_set"] == 0
+    assert 0 < case["latents_relative_change"] < 1e-5  # float32 values summed in another order, not bit-equal
+    assert case["adapter_cosine"] > 0.9999 and case["top20_overlap"] == 1.0
 
 
 def test_speed_single_prints_one_methods_step(tmp_path) -> None:

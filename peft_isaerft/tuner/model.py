@@ -83,7 +83,7 @@ class ISaeRFTModel(BaseTuner):
                 sae.to(device)
             mask = config.latent_mask(index, hook, sae.cfg.d_sae, reference.label)
             splices.append((Splice(point, reference, index, component, sae, tf32=config.sae_tf32,
-                                   split=config.sae_split_encoder), mask))
+                                   split=config.sae_split_encoder, screen=config.sae_bf16_screen), mask))
         config.sae_fingerprints = fingerprints
         return splices
 

