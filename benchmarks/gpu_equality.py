@@ -4,7 +4,8 @@
     python benchmarks/gpu_equality.py --output benchmarks/results/gpu/equality.json   # about a minute on one GPU
     python benchmarks/gpu_equality.py --quick                                         # tiny shapes, any device
 
-For each component (scale, scale_bias, clamp, latent_map), SAE architecture (ReLU, TopK, JumpReLU, gated) and model
+For each component (scale, scale_bias, clamp, latent_map), SAE architecture (ReLU, TopK, TopK with its latents
+rescaled by decoder norm, JumpReLU, gated) and model
 dtype (float32, bfloat16), one Llama-style model with random weights and one real sae-lens SAE at layer 1 run a
 forward and a backward pass twice: through the compact path (each token's active latents, the Triton kernels on
 CUDA, the split bfloat16 encoder product for bfloat16 models) and through plain autograd over dense latents
@@ -44,6 +45,7 @@ COMPONENTS = ("scale", "scale_bias", "clamp", "latent_map")
 ARCHITECTURES = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
     "topk": (TopKSAE, TopKSAEConfig, {"k": 32}),
+    "topk_rescaled": (TopKSAE, TopKSAEConfig, {"k": 32, "rescale_acts_by_decoder_norm": True}),
     "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
     "gated": (GatedSAE, GatedSAEConfig, {}),
 }
@@ -77,6 +79,8 @@ def build_sae(folder: Path, architecture: str, shapes: dict[str, int]) -> Path:
                 param.copy_(torch.randn_like(param) * 0.05)
             if name == "threshold":
                 param.copy_(torch.rand_like(param) * 0.1)
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):  # decoder norms that differ, so rescaling matters
+            sae.W_dec.mul_(torch.rand(shapes["d_sae"], 1) * 1.5 + 0.5)
     path = folder / architecture
     sae.save_model(path)
     return path

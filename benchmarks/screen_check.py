@@ -4,13 +4,11 @@ search, on the CPU speed benchmark's cell and on SmolLM2 with the demo's SAE.
     python benchmarks/screen_check.py            # about 4 minutes on 2 cores, with the demo's SAE cached
     python benchmarks/screen_check.py --quick    # tiny shapes, the benchmark cell only
 
-The demo's SAEs are used with their decoder-norm rescaling folded into the encoder (the same latents and the same
-reconstruction), so that their splice takes the compact path the screen belongs to. For each case: the share of
-tokens whose set of active latents differs from the float32 top-k's, the relative change of the latents and of the
-scale splice's residual change, and a scale adapter trained for ``--steps`` steps both ways (relative change,
-cosine, overlap of the 20 latents it moved most). On a CPU two float32 runs are bit-identical, so every non-zero
-figure comes from the screen: float32 values summed in another order (about 1e-7) or a changed set.
-Results go to ``benchmarks/results/screen_check.json``.
+For each case: the share of tokens whose set of active latents differs from the float32 top-k's, the relative change
+of the latents and of the scale splice's residual change, and a scale adapter trained for ``--steps`` steps both
+ways (relative change, cosine, overlap of the 20 latents it moved most). On a CPU two float32 runs are
+bit-identical, so every non-zero figure comes from the screen: float32 values summed in another order (about 1e-7) or a
+changed set. Results go to ``benchmarks/results/screen_check.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
 from peft_isaerft.active_latents import SCREEN_CANDIDATES, TopKSelector, bf16_screen_available, selector_for
 from peft_isaerft.components import residual_delta
+from peft_isaerft.saes import decoder_directions
 
 
 def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -47,7 +46,8 @@ def splice_change(sae: SAE, hidden: torch.Tensor) -> dict[str, float]:
         values, indices = selector(hidden)
         assert (selector._screen is not None) == screen, "the screen must run (and only) where asked"
         latents = _dense(values, indices, sae.cfg.d_sae)
-        delta = residual_delta(sae.encode, sae.W_dec, hidden, scale, None, select=selector, encoder_rows=rows)
+        delta = residual_delta(sae.encode, decoder_directions(sae), hidden, scale, None, select=selector,
+                               encoder_rows=rows, encoder_gain=selector.encoder_gain())
         outputs[screen] = (latents, delta)
     (plain, plain_delta), (screened, screened_delta) = outputs[False], outputs[True]
     other_set = ((plain != 0) != (screened != 0)).any(-1)
@@ -100,23 +100,6 @@ def benchmark_cell(quick: bool, steps: int) -> dict[str, Any]:
     return result
 
 
-def without_decoder_norm_rescaling(folder: Path, hidden: torch.Tensor) -> Path:
-    """The demo's SAEs scale each latent by its decoder row's norm (``rescale_acts_by_decoder_norm``), which the
-    compact path leaves to dense autograd; the same SAE with that norm folded into the encoder and out of the decoder
-    (sae-lens's ``fold_W_dec_norm``) has the same latents times the same directions, and takes the compact path."""
-    sae = SAE.load_from_disk(str(folder))
-    if not sae.cfg.rescale_acts_by_decoder_norm:
-        return folder
-    with torch.no_grad():
-        expected = sae.decode(sae.encode(hidden))
-        sae.fold_W_dec_norm()
-        sae.cfg.rescale_acts_by_decoder_norm = False
-        torch.testing.assert_close(sae.decode(sae.encode(hidden)), expected, atol=1e-3, rtol=1e-4)
-    copy = Path(tempfile.mkdtemp()) / folder.name
-    sae.save_model(copy)
-    return copy
-
-
 def smollm2_cells(steps: int) -> list[dict[str, Any]]:
     """SmolLM2-135M-Instruct with the demo's cached SAEs (layer 15, k 32) on held-out corpus text."""
     from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
@@ -134,7 +117,7 @@ def smollm2_cells(steps: int) -> list[dict[str, Any]]:
     hidden = captured[0].reshape(-1, model.config.hidden_size)
     cells = []
     for settings in (DemoSettings(),):  # trained on first use (3.5 minutes), as by `isaerft demo`
-        folder = without_decoder_norm_rescaling(demo_sae(model, tokenizer, name, settings, texts)[0], hidden)
+        folder = demo_sae(model, tokenizer, name, settings, texts)[0]
         sae = SAE.load_from_disk(str(folder))
         assert selector_for(sae) is not None, "the splice must take the compact path for this comparison"
         cell = {"case": f"SmolLM2-135M, demo SAE {folder.name}", **splice_change(sae, hidden)}

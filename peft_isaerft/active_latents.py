@@ -17,8 +17,10 @@ selector            how it finds the active set
                     output; ``width`` a static bound on L0 measured once and widened when a token exceeds it
 ==================  ==================================================================================
 
-Gated SAEs and SAEs with ``rescale_acts_by_decoder_norm`` have none: their latents' derivative is not
-``W_enc[:, i]``, so the splice uses plain autograd over dense latents for them.
+TopK SAEs with ``rescale_acts_by_decoder_norm`` (each latent multiplied by its decoder row's norm ``n_i`` before the
+top-k) are selected the same way on ``n * pre``; their latents' derivative is ``n_i W_enc[:, i]``, which the compact
+backward gets from :meth:`LatentSelector.encoder_gain`. Gated SAEs have none: their latents' derivative is not an
+encoder row, so the splice uses plain autograd over dense latents for them.
 
 Example:
     >>> selector = selector_for(sae)  # doctest: +SKIP
@@ -161,6 +163,8 @@ class LatentSelector:
 
     encoder_classes: ClassVar[tuple[type[SAE], ...]] = ()
     """sae-lens classes whose own ``encode`` this selector reproduces (subclasses that override it are refused)."""
+    rescales_by_decoder_norm: ClassVar[bool] = False
+    """Whether it reproduces ``rescale_acts_by_decoder_norm`` too (latents times their decoder row's norm)."""
 
     def __init__(self, sae: SAE, tf32: bool = False, split: bool = True, screen: bool = True) -> None:
         self.sae = sae
@@ -170,14 +174,28 @@ class LatentSelector:
         self.screen = screen
         """Search a TopK SAE's top-k on a bfloat16 product where that is faster (:func:`bf16_screen_available`)."""
         self._split: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._gain: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @classmethod
     def accepts(cls, sae: SAE) -> bool:
         encode = type(sae).encode
         return (
             any(encode is klass.encode for klass in cls.encoder_classes)
-            and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+            and (cls.rescales_by_decoder_norm or not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
         )
+
+    def encoder_gain(self) -> torch.Tensor | None:
+        """Per latent, the factor sae-lens multiplies its pre-activation by before the activation function (the
+        decoder row's norm, for ``rescale_acts_by_decoder_norm``), or None where there is none: the derivative of an
+        active latent is ``gain_i * W_enc[:, i]``. Computed once per decoder version."""
+        sae = self.sae
+        if not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            return None
+        key = (sae.W_dec.data_ptr(), sae.W_dec._version)
+        if self._gain is None or self._gain[0] != key:
+            with torch.no_grad():
+                self._gain = (key, sae.W_dec.detach().norm(dim=-1))
+        return self._gain[1]
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +263,7 @@ class TopKSelector(LatentSelector):
     """
 
     encoder_classes = (TopKSAE,)
+    rescales_by_decoder_norm = True
 
     def __init__(self, sae: SAE, tf32: bool = False, split: bool = True, screen: bool = True) -> None:
         super().__init__(sae, tf32, split, screen)
@@ -252,15 +271,22 @@ class TopKSelector(LatentSelector):
 
     def select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.sae.cfg.k
+        gain = self.encoder_gain()
         screen = self._screen_encoder(hidden)
         if screen is None:
-            values, indices = self.pre_activations(hidden).topk(k, dim=-1, sorted=False)
+            pre = self.pre_activations(hidden)
+            values, indices = (pre if gain is None else pre.mul_(gain)).topk(k, dim=-1, sorted=False)
             return values.relu_(), indices
         weight, bias = screen
         sae_in = self.sae.process_sae_in(hidden)
         width = min(self.sae.cfg.d_sae, k + SCREEN_CANDIDATES)
-        candidates = torch.addmm(bias, sae_in.to(torch.bfloat16), weight).topk(width, dim=-1, sorted=False).indices
+        approximate = torch.addmm(bias, sae_in.to(torch.bfloat16), weight)
+        if gain is not None:
+            approximate.mul_(gain.to(torch.bfloat16))
+        candidates = approximate.topk(width, dim=-1, sorted=False).indices
         exact = active_dots(sae_in, candidates, self.sae.W_enc.detach().T).add_(self.sae.b_enc.detach()[candidates])
+        if gain is not None:
+            exact.mul_(gain[candidates])
         values, position = exact.topk(k, dim=-1, sorted=False)
         return values.relu_(), candidates.gather(1, position)
 

@@ -106,6 +106,8 @@ class SpliceInputs:
     hidden: torch.Tensor
     select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     encoder_rows: torch.Tensor | None = None
+    encoder_gain: torch.Tensor | None = None
+    """Per latent, the factor between ``dz_i/dh`` and ``W_enc[:, i]`` (``LatentSelector.encoder_gain``); None: 1."""
 
     @property
     def sparse(self) -> bool:
@@ -121,7 +123,7 @@ class SpliceInputs:
         ``flat`` through the encoder rows (:class:`ActiveValues`)."""
         # the selector gets the hidden states in their own dtype (a bfloat16 model's allow the split encoder product)
         values, indices = self.select(self.hidden.reshape(flat.shape).detach())
-        return ActiveValues.apply(flat, values, indices, self.encoder_rows), values, indices
+        return ActiveValues.apply(flat, values, indices, self.encoder_rows, self.encoder_gain), values, indices
 
 
 class Component:
@@ -172,7 +174,8 @@ class Scale(Component):
 
     def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
         return residual_delta(inputs.encode, inputs.decoder, inputs.hidden, params["scale"], None,
-                              select=inputs.select, encoder_rows=inputs.encoder_rows)
+                              select=inputs.select, encoder_rows=inputs.encoder_rows,
+                              encoder_gain=inputs.encoder_gain)
 
     def readings(self, params: dict[str, torch.Tensor], decoder_norms: torch.Tensor,
                  mean_activation: torch.Tensor | None) -> list[Reading]:
@@ -203,7 +206,8 @@ class ScaleBias(Scale):
 
     def delta(self, params: dict[str, torch.Tensor], inputs: SpliceInputs) -> torch.Tensor:
         return residual_delta(inputs.encode, inputs.decoder, inputs.hidden, params["scale"], params["bias"],
-                              select=inputs.select, encoder_rows=inputs.encoder_rows)
+                              select=inputs.select, encoder_rows=inputs.encoder_rows,
+                              encoder_gain=inputs.encoder_gain)
 
 
 class Clamp(Component):
@@ -366,6 +370,7 @@ def residual_delta(
     bias: torch.Tensor | None,
     select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     encoder_rows: torch.Tensor | None = None,
+    encoder_gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The change ``(f(z) - z) @ D`` to add to ``hidden``, computed in the decoder's dtype.
 
@@ -390,7 +395,8 @@ def residual_delta(
         if select is not None and encoder_rows is not None:
             flat = sae_hidden.reshape(-1, sae_hidden.shape[-1])
             values, indices = select(hidden.reshape(flat.shape).detach())
-            out = SparseLatentScale.apply(flat, scale, values, indices, encoder_rows, decoder).reshape(hidden.shape)
+            out = SparseLatentScale.apply(flat, scale, values, indices, encoder_rows, decoder,
+                                          encoder_gain).reshape(hidden.shape)
         else:
             out = (encode(sae_hidden) * scale) @ decoder
     if bias is not None:
@@ -451,9 +457,10 @@ class SparseLatentScale(torch.autograd.Function):
 
     Saves only the ``tokens x L0`` values and indices for backward (not ``tokens x d_sae`` latents), and its
     gradients touch only active latents: ``grad . D[i]`` is computed for active pairs only (:func:`active_dots`).
-    For the gradient into ``hidden`` it uses ``dz_i/dh = W_enc[:, i]`` on active latents, exact for ReLU, TopK and
-    JumpReLU encoders away from their switching points (the same convention autograd uses). Nothing in it reads a
-    value back to the host, so a GPU step never waits.
+    For the gradient into ``hidden`` it uses ``dz_i/dh = W_enc[:, i]`` on active latents (times ``encoder_gain[i]``
+    where the SAE rescales its latents by decoder norm), exact for ReLU, TopK and JumpReLU encoders away from their
+    switching points (the same convention autograd uses). Nothing in it reads a value back to the host, so a GPU
+    step never waits.
 
     Example:
         >>> values, indices = selector_for(sae)(hidden)  # doctest: +SKIP
@@ -461,15 +468,15 @@ class SparseLatentScale(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, scale, values, indices, encoder_rows, decoder):  # type: ignore[override]
+    def forward(ctx, hidden, scale, values, indices, encoder_rows, decoder, encoder_gain=None):  # type: ignore[override]
         weights = values * scale[indices]
         delta = weighted_row_sum(indices, weights, decoder)
-        ctx.save_for_backward(scale, values, indices, encoder_rows, decoder)
+        ctx.save_for_backward(scale, values, indices, encoder_rows, decoder, encoder_gain)
         return delta
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        scale, values, indices, encoder_rows, decoder = ctx.saved_tensors
+        scale, values, indices, encoder_rows, decoder, encoder_gain = ctx.saved_tensors
         grad = grad.contiguous()
         grad_latents = active_dots(grad, indices, decoder, values)
         grad_scale = grad_hidden = None
@@ -478,24 +485,31 @@ class SparseLatentScale(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # padding slots hold value 0 and must not pass a gradient (ReLU's derivative there is 0)
             weights = grad_latents * scale[indices] * (values != 0)
+            if encoder_gain is not None:
+                weights = weights * encoder_gain[indices]
             grad_hidden = weighted_row_sum(indices, weights, encoder_rows)
-        return grad_hidden, grad_scale, None, None, None, None
+        return grad_hidden, grad_scale, None, None, None, None, None
 
 
 class ActiveValues(torch.autograd.Function):
     """The active latents' values, differentiable with respect to the hidden states through ``dz_i/dh = W_enc[:, i]``
-    (exact for ReLU, TopK and JumpReLU encoders away from their switching points; padding slots pass nothing)."""
+    (times ``encoder_gain[i]`` where given; exact for ReLU, TopK and JumpReLU encoders away from their switching
+    points; padding slots pass nothing)."""
 
     @staticmethod
-    def forward(ctx, hidden, values, indices, encoder_rows):  # type: ignore[override]
-        ctx.save_for_backward(values, indices, encoder_rows)
+    def forward(ctx, hidden, values, indices, encoder_rows, encoder_gain=None):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, encoder_rows, encoder_gain)
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        values, indices, encoder_rows = ctx.saved_tensors
-        grad_hidden = weighted_row_sum(indices, grad * (values != 0), encoder_rows) if ctx.needs_input_grad[0] else None
-        return grad_hidden, None, None, None
+        values, indices, encoder_rows, encoder_gain = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        weights = grad * (values != 0)
+        if encoder_gain is not None:
+            weights = weights * encoder_gain[indices]
+        return weighted_row_sum(indices, weights, encoder_rows), None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

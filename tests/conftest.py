@@ -110,6 +110,8 @@ def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 SAE_CLASSES = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
     "topk": (TopKSAE, TopKSAEConfig, {"k": 8}),
+    # latents times their decoder row's norm before the top-k (the demo's SAEs are trained this way)
+    "topk_rescaled": (TopKSAE, TopKSAEConfig, {"k": 8, "rescale_acts_by_decoder_norm": True}),
     "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
     "gated": (GatedSAE, GatedSAEConfig, {}),
 }
@@ -136,6 +138,8 @@ def make_sae(
                 param.copy_(torch.randn_like(param) * 0.05)
             if name == "threshold":
                 param.copy_(torch.rand_like(param) * 0.1)
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):  # decoder norms that differ, so rescaling matters
+            sae.W_dec.mul_(torch.rand(d_sae, 1) * 1.5 + 0.5)
     sae.save_model(folder)
     return folder
 

@@ -46,11 +46,33 @@ def test_topk_selector_never_builds_dense_latents(sae_factory, monkeypatch) -> N
     assert values.shape == indices.shape == (9, sae.cfg.k)
 
 
-def test_gated_and_decoder_norm_rescaled_saes_use_dense_autograd(sae_factory) -> None:
+def test_gated_and_decoder_norm_rescaled_threshold_saes_use_dense_autograd(sae_factory) -> None:
     assert selector_for(SAE.load_from_disk(str(sae_factory(architecture="gated")))) is None
-    sae = SAE.load_from_disk(str(sae_factory(architecture="topk")))
-    sae.cfg.rescale_acts_by_decoder_norm = True
+    sae = SAE.load_from_disk(str(sae_factory(architecture="jumprelu")))
+    sae.cfg.rescale_acts_by_decoder_norm = True  # not something sae-lens's JumpReLU reproduces
     assert selector_for(sae) is None
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_decoder_norm_rescaled_topk_selects_on_the_rescaled_latents(screen, sae_factory, monkeypatch) -> None:
+    import peft_isaerft.active_latents as active_latents
+
+    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: screen)
+    sae = SAE.load_from_disk(str(sae_factory(architecture="topk_rescaled", d_sae=512)))
+    selector = selector_for(sae)
+    assert isinstance(selector, TopKSelector)
+    norms = sae.W_dec.detach().norm(dim=-1)
+    assert norms.max() > 1.5 * norms.min()  # rescaling changes which latents win
+    torch.testing.assert_close(selector.encoder_gain(), norms)
+    hidden = torch.randn(60, HIDDEN) * 2
+    values, indices = selector(hidden)
+    assert (selector._screen is not None) is screen
+    with torch.no_grad():
+        expected = sae.encode(hidden)
+        unscaled = torch.zeros_like(expected).scatter_(1, *reversed((sae.process_sae_in(hidden) @ sae.W_enc
+                                                                      + sae.b_enc).topk(8, dim=-1)))
+    torch.testing.assert_close(_dense_from(values, indices, sae.cfg.d_sae), expected, atol=1e-6, rtol=1e-6)
+    assert ((expected != 0) != (unscaled != 0)).any()  # the top-k of the plain pre-activations is another set
 
 
 def test_threshold_selector_stays_exact_when_a_later_batch_has_more_active_latents(sae_factory) -> None:
@@ -106,7 +128,7 @@ def _splice_outputs(sae_folder, component: str, dtype: torch.dtype, sparse: bool
 
 
 @pytest.mark.parametrize("component", ["scale", "scale_bias", "clamp", "latent_map"])
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "topk_rescaled", "jumprelu", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compact_splice_equals_dense_autograd_on_a_model(component, architecture, dtype, sae_factory,
                                                          input_ids) -> None:

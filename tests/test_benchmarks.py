@@ -45,8 +45,9 @@ def test_gpu_equality_check_covers_every_case_and_flags_a_wrong_path(tmp_path) -
     output = tmp_path / "equality.json"
     _run("benchmarks/gpu_equality.py", "--quick", "--output", str(output))
     result = json.loads(output.read_text())
-    assert result["failed"] == 0 and len(result["cases"]) == 4 * 4 * 2
-    assert {c["architecture"] for c in result["cases"] if c["compact_path"]} == {"standard", "topk", "jumprelu"}
+    assert result["failed"] == 0 and len(result["cases"]) == 4 * 5 * 2
+    assert {c["architecture"] for c in result["cases"] if c["compact_path"]} == {"standard", "topk", "topk_rescaled",
+                                                                                "jumprelu"}
     for case in result["cases"]:
         assert "grad isaerft_" + {"scale": "scale", "scale_bias": "bias", "clamp": "clamp_gate",
                                   "latent_map": "map_source"}[case["component"]] in case["relative_error"]

@@ -196,8 +196,10 @@ class ISaeRFTLayer(nn.Module, BaseTunerLayer):
                 "the width matches."
             )
         sparse = splice.sparse_backward and splice.component.needs_latents
-        inputs = SpliceInputs(splice.encode, decoder, hidden, select=splice.selector if sparse else None,
-                              encoder_rows=splice.encoder_rows() if sparse else None)
+        selector = splice.selector if sparse else None
+        inputs = SpliceInputs(splice.encode, decoder, hidden, select=selector,
+                              encoder_rows=splice.encoder_rows() if sparse else None,
+                              encoder_gain=selector.encoder_gain() if selector is not None else None)
         return splice.component.delta(self.adapter_parameters(adapter_name), inputs)
 
     def _apply_splices(self, hidden: torch.Tensor, adapters: list[str]) -> torch.Tensor:
