@@ -1,5 +1,6 @@
 """What the bfloat16 screen of TopK SAEs on CPUs changes (``ISaeRFTConfig.sae_bf16_screen``), against the float32
-search, on the CPU speed benchmark's cell and on SmolLM2 with the demo's SAE.
+search, on the CPU speed benchmark's cell and on SmolLM2 with the demo's SAE, and where it pays: the selector's time
+with the screen against the float32 search for SAEs of several widths.
 
     python benchmarks/screen_check.py            # about 4 minutes on 2 cores, with the demo's SAE cached
     python benchmarks/screen_check.py --quick    # tiny shapes, the benchmark cell only
@@ -14,10 +15,13 @@ changed set. Results go to ``benchmarks/results/screen_check.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,22 @@ import torch
 from sae_lens import SAE
 
 import peft_isaerft  # noqa: F401
-from peft_isaerft import ISaeRFTConfig
+from peft_isaerft import ISaeRFTConfig, active_latents
 from peft_isaerft.active_latents import SCREEN_CANDIDATES, TopKSelector, bf16_screen_available, selector_for
 from peft_isaerft.components import residual_delta
 from peft_isaerft.saes import decoder_directions
+
+
+@contextlib.contextmanager
+def screen_forced(forced: bool = True) -> Iterator[None]:
+    """Screen SAEs of any width inside the block (``SCREEN_MIN_LATENTS_PER_CANDIDATE`` = 0), to measure it where it
+    would not pay by default."""
+    minimum = active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE
+    active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE = 0 if forced else minimum
+    try:
+        yield
+    finally:
+        active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE = minimum
 
 
 def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -95,13 +111,51 @@ def benchmark_cell(quick: bool, steps: int) -> dict[str, Any]:
                              generator=generator) for _ in range(2)]
     with torch.no_grad():
         hidden = model(batches[0], output_hidden_states=True).hidden_states[5].reshape(-1, d_model)
-    result = {"case": "CPU benchmark cell (random weights)", **splice_change(SAE.load_from_disk(path), hidden)}
-    result.update(adapter_change(lambda: speed.build_model(quick), path, batches, steps))
+    with screen_forced(quick):  # the full cell (16384 latents, k 64) is screened by default; the quick one is narrower
+        result = {"case": "CPU benchmark cell (random weights)", **splice_change(SAE.load_from_disk(path), hidden)}
+        result.update(adapter_change(lambda: speed.build_model(quick), path, batches, steps))
     return result
 
 
+SIZES = [(512, 4096, 64), (512, 8192, 64), (512, 16384, 64), (512, 32768, 64), (576, 4608, 32), (576, 9216, 32),
+         (576, 18432, 32)]
+"""(d_in, d_sae, k) of the selector timings: the CPU benchmark's width and SmolLM2's, k 64 and 32."""
+
+
+@torch.no_grad()
+def selector_timings(quick: bool) -> list[dict[str, Any]]:
+    """Time the TopK selector with the screen forced on against the float32 search on the same 2048 tokens,
+    alternating, for SAEs of several widths: where the screen pays (``SCREEN_MIN_LATENTS_PER_CANDIDATE``)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    rows = []
+    minimum = active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE
+    with screen_forced():
+        for d_in, d_sae, k in ([(64, 2048, 8)] if quick else SIZES):
+            torch.manual_seed(0)
+            sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+            sae.W_enc.data = sae.W_enc.data.T.contiguous().T  # row-per-latent, as a splice stores it
+            hidden = torch.randn(64 if quick else 2048, d_in) * 8
+            selectors = {True: TopKSelector(sae), False: TopKSelector(sae, screen=False)}
+            seconds: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(3 if quick else 7):
+                for screen, selector in selectors.items():
+                    started = time.perf_counter()
+                    selector(hidden)
+                    seconds[screen].append(time.perf_counter() - started)
+            screened, plain = (statistics.median(seconds[s][1:]) for s in (True, False))
+            rows.append({"d_in": d_in, "d_sae": d_sae, "k": k,
+                         "latents_per_candidate": d_sae / (k + SCREEN_CANDIDATES), "screen_s": screened,
+                         "float32_search_s": plain, "ratio": screened / plain,
+                         "screened_by_default": d_sae >= minimum * (k + SCREEN_CANDIDATES)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def smollm2_cells(steps: int) -> list[dict[str, Any]]:
-    """SmolLM2-135M-Instruct with the demo's cached SAEs (layer 15, k 32) on held-out corpus text."""
+    """SmolLM2-135M-Instruct with the demo's cached SAE (layer 15, k 32) on held-out corpus text. Its 4608 latents
+    are below the width where the screen pays, so by default it is not screened; here it is forced, to measure the
+    screen's precision on a trained SAE and a real residual stream."""
     from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
     from peft_isaerft.demo.corpus import load_corpus
 
@@ -120,9 +174,10 @@ def smollm2_cells(steps: int) -> list[dict[str, Any]]:
         folder = demo_sae(model, tokenizer, name, settings, texts)[0]
         sae = SAE.load_from_disk(str(folder))
         assert selector_for(sae) is not None, "the splice must take the compact path for this comparison"
-        cell = {"case": f"SmolLM2-135M, demo SAE {folder.name}", **splice_change(sae, hidden)}
-        cell.update(adapter_change(lambda: load_demo_model()[0], str(folder), [ids[i:i + 2] for i in (0, 2, 4, 6)],
-                                   steps))
+        with screen_forced():
+            cell = {"case": f"SmolLM2-135M, demo SAE {folder.name} (screen forced)", **splice_change(sae, hidden)}
+            cell.update(adapter_change(lambda: load_demo_model()[0], str(folder),
+                                       [ids[i:i + 2] for i in (0, 2, 4, 6)], steps))
         cells.append(cell)
     return cells
 
@@ -143,7 +198,10 @@ def main() -> None:
         cases += smollm2_cells(args.steps)
     for case in cases:
         print(json.dumps(case))
-    result = {"screen_candidates": SCREEN_CANDIDATES, "cases": cases, "minutes": (time.perf_counter() - started) / 60}
+    timings = selector_timings(args.quick)
+    result = {"screen_candidates": SCREEN_CANDIDATES,
+              "screen_min_latents_per_candidate": active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE, "cases": cases,
+              "selector_timings": timings, "minutes": (time.perf_counter() - started) / 60}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.output}")

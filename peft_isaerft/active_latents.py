@@ -10,8 +10,8 @@ selector            how it finds the active set
 ==================  ==================================================================================
 ``TopKSelector``    the encoder's own top-k: pre-activations, ``topk(k)``, ReLU; the dense latents are
                     never built (``k`` is static, so nothing waits on the GPU). On CPUs with bfloat16
-                    matrix instructions the search runs on a bfloat16 product and the best ``k + 16``
-                    candidates are rescored in float32 (:data:`SCREEN_CANDIDATES`)
+                    matrix instructions and for wide SAEs the search runs on a bfloat16 product and the
+                    best ``k + 16`` candidates are rescored in float32 (:data:`SCREEN_CANDIDATES`)
 ``ThresholdSelector``  ReLU and JumpReLU: the pre-activations above each latent's threshold, compacted by one
                     kernel on CUDA (no dense latents); elsewhere the ``width`` largest entries of the encoder's
                     output; ``width`` a static bound on L0 measured once and widened when a token exceeds it
@@ -43,8 +43,9 @@ from .components import active_dots
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCREEN_CANDIDATES", "SELECTORS", "SPLIT_ENCODER_DEVICES", "LatentSelector", "ThresholdSelector",
-           "TopKSelector", "bf16_screen_available", "selector_for", "split_bf16", "tf32_matmuls"]
+__all__ = ["SCREEN_CANDIDATES", "SCREEN_MIN_LATENTS_PER_CANDIDATE", "SELECTORS", "SPLIT_ENCODER_DEVICES",
+           "LatentSelector", "ThresholdSelector", "TopKSelector", "bf16_screen_available", "selector_for",
+           "split_bf16", "tf32_matmuls"]
 
 
 @contextlib.contextmanager
@@ -115,6 +116,13 @@ def _fp32_output_supported(device: torch.device) -> bool:
             _MM_OUT_DTYPE[device.type] = False
     return _MM_OUT_DTYPE[device.type]
 
+
+SCREEN_MIN_LATENTS_PER_CANDIDATE = 200
+"""The screen runs only for SAEs with at least this many latents per rescored candidate (``d_sae >= 200 * (k +
+16)``): it saves part of an encoder product that grows with ``d_sae`` but pays a gather of ``k + 16`` encoder rows per
+token that does not. Measured on 2 AVX512-BF16 cores (``benchmarks/screen_check.py``, selector time against the float32
+search, 2048 tokens): 2.09x at 51 latents per candidate (d_sae 4096, k 64), 1.34x at 102, 0.99x at 192 (d_sae 9216,
+k 32), 0.89x at 205 (d_sae 16384, k 64), 0.65x at 410."""
 
 SCREEN_CANDIDATES = 16
 """Candidates beyond ``k`` that the bfloat16 screen of :class:`TopKSelector` rescores in float32. A latent of the
@@ -253,7 +261,8 @@ class LatentSelector:
 class TopKSelector(LatentSelector):
     """TopK SAEs: the indices of the encoder's own top-k, without scattering them into dense latents.
 
-    On a CPU with bfloat16 matrix instructions (:func:`bf16_screen_available`) the top-k is searched in a bfloat16
+    On a CPU with bfloat16 matrix instructions (:func:`bf16_screen_available`), for SAEs wide enough for it to pay
+    (:data:`SCREEN_MIN_LATENTS_PER_CANDIDATE`), the top-k is searched in a bfloat16
     product of the encoder (2.5x faster than float32 there) and its best ``k +`` :data:`SCREEN_CANDIDATES` entries
     are rescored in float32 from the encoder rows: the values are the float32 pre-activations, and the set is the
     float32 top-k's wherever the screen's rounding does not push a latent below ``k + 16`` others (in every token
@@ -296,7 +305,7 @@ class TopKSelector(LatentSelector):
         version and kept (half the encoder's float32 bytes)."""
         sae = self.sae
         if (not self.screen or hidden.device.type != "cpu" or sae.W_enc.dtype != torch.float32
-                or sae.cfg.k + SCREEN_CANDIDATES >= sae.cfg.d_sae
+                or sae.cfg.d_sae < SCREEN_MIN_LATENTS_PER_CANDIDATE * (sae.cfg.k + SCREEN_CANDIDATES)
                 or sae.hook_sae_acts_pre._forward_hooks or not bf16_screen_available()
                 or self._split_encoder(hidden) is not None):  # the split product is float32 already
             return None

@@ -58,6 +58,7 @@ def test_decoder_norm_rescaled_topk_selects_on_the_rescaled_latents(screen, sae_
     import peft_isaerft.active_latents as active_latents
 
     monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: screen)
+    monkeypatch.setattr(active_latents, "SCREEN_MIN_LATENTS_PER_CANDIDATE", 0)
     sae = SAE.load_from_disk(str(sae_factory(architecture="topk_rescaled", d_sae=512)))
     selector = selector_for(sae)
     assert isinstance(selector, TopKSelector)
@@ -242,6 +243,7 @@ def test_bf16_screen_keeps_the_float32_top_k_and_its_values(sae_factory, monkeyp
     import peft_isaerft.active_latents as active_latents
 
     monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: True)  # as on an AVX512-BF16 or AMX CPU
+    monkeypatch.setattr(active_latents, "SCREEN_MIN_LATENTS_PER_CANDIDATE", 0)  # a test-sized SAE
     sae = SAE.load_from_disk(str(sae_factory(architecture="topk", d_sae=1024)))
     hidden = torch.randn(300, HIDDEN) * 3
     with torch.no_grad():
@@ -261,20 +263,24 @@ def test_bf16_screen_is_skipped_where_it_would_not_pay_or_would_miss_a_hook(sae_
 
     sae = SAE.load_from_disk(str(sae_factory(architecture="topk", d_sae=1024)))
     hidden = torch.randn(20, HIDDEN)
-    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: False)  # bfloat16 emulated: slower
-    selector = TopKSelector(sae)
-    selector(hidden)
-    assert selector._screen is None
+
+    def screened(**options) -> bool:
+        selector = TopKSelector(sae, **options)
+        selector(hidden)
+        return selector._screen is not None
+
     monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: True)
-    off = TopKSelector(sae, screen=False)
-    off(hidden)
-    assert off._screen is None
+    assert not screened()  # 1024 latents for 24 candidates: the rescoring gather would cost more than it saves
+    monkeypatch.setattr(active_latents, "SCREEN_MIN_LATENTS_PER_CANDIDATE", 0)
+    assert screened()
+    assert not screened(screen=False)
     seen = []
     handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
-    hooked = TopKSelector(sae)
-    hooked(hidden)
+    assert not screened()
     handle.remove()
-    assert hooked._screen is None and seen == [(20, 1024)]  # a hook on the pre-activations still sees them all
+    assert seen == [(20, 1024)]  # a hook on the pre-activations still sees them all
+    monkeypatch.setattr(active_latents, "bf16_screen_available", lambda: False)  # bfloat16 emulated: slower
+    assert not screened()
 
 
 def test_sae_bf16_screen_is_validated_and_reaches_the_selector(sae_factory) -> None:

@@ -68,8 +68,11 @@ def test_gpu_equality_check_covers_every_case_and_flags_a_wrong_path(tmp_path) -
 def test_screen_check_compares_the_bf16_screen_with_the_float32_search(tmp_path) -> None:
     output = tmp_path / "screen.json"
     _run("benchmarks/screen_check.py", "--quick", "--output", str(output))
-    (case,) = json.loads(output.read_text())["cases"]
+    result = json.loads(output.read_text())
+    (case,) = result["cases"]
     assert case["tokens"] == 64 and case["tokens_with_another_set"] == 0
+    (timing,) = result["selector_timings"]
+    assert timing["screen_s"] > 0 and timing["float32_search_s"] > 0 and timing["screened_by_default"] is False
     assert 0 < case["latents_relative_change"] < 1e-5  # float32 values summed in another order, not bit-equal
     assert case["adapter_cosine"] > 0.9999 and case["top20_overlap"] == 1.0
 
