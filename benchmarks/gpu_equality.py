@@ -26,29 +26,14 @@ from typing import Any
 
 import torch
 from peft import get_peft_model
-from sae_lens import (
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
-)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
+from peft_isaerft.testing import TEST_SAE_ARCHITECTURES, make_test_sae
 
 COMPONENTS = ("scale", "scale_bias", "clamp", "latent_map")
-ARCHITECTURES = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, {"k": 32}),
-    "topk_rescaled": (TopKSAE, TopKSAEConfig, {"k": 32, "rescale_acts_by_decoder_norm": True}),
-    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
-    "gated": (GatedSAE, GatedSAEConfig, {}),
-}
+ARCHITECTURES = tuple(TEST_SAE_ARCHITECTURES)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 """Largest relative error ``|got - expected| / |expected|`` (Frobenius norms) per tensor. At these sizes the CPU
@@ -67,23 +52,9 @@ def build_model(shapes: dict[str, int], dtype: torch.dtype, device: str) -> Any:
 
 
 def build_sae(folder: Path, architecture: str, shapes: dict[str, int]) -> Path:
-    """A real SAE with non-zero biases and thresholds (as the CPU tests build theirs), saved by sae-lens."""
-    torch.manual_seed(0)
-    sae_cls, cfg_cls, extra = ARCHITECTURES[architecture]
-    cfg = cfg_cls(d_in=shapes["d_model"], d_sae=shapes["d_sae"], **extra)
-    cfg.metadata.hook_name = "blocks.1.hook_resid_post"
-    sae = sae_cls(cfg)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            if name.startswith("b_") or name in ("threshold", "r_mag"):
-                param.copy_(torch.randn_like(param) * 0.05)
-            if name == "threshold":
-                param.copy_(torch.rand_like(param) * 0.1)
-        if getattr(cfg, "rescale_acts_by_decoder_norm", False):  # decoder norms that differ, so rescaling matters
-            sae.W_dec.mul_(torch.rand(shapes["d_sae"], 1) * 1.5 + 0.5)
-    path = folder / architecture
-    sae.save_model(path)
-    return path
+    """A real SAE with non-zero biases and thresholds, built as the CPU tests build theirs (TopK: k 32)."""
+    return make_test_sae(folder / architecture, shapes["d_model"], shapes["d_sae"], architecture,
+                         hook="blocks.1.hook_resid_post", k=32)
 
 
 def splice_outputs(sae_path: Path, component: str, dtype: torch.dtype, sparse: bool, shapes: dict[str, int],

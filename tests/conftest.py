@@ -15,16 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sae_lens import (
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
-)
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -40,6 +30,7 @@ from transformers import (
 )
 
 import peft_isaerft  # noqa: F401  (registers the PEFT method)
+from peft_isaerft.testing import make_test_sae
 
 HIDDEN = 32
 LAYERS = 3
@@ -107,16 +98,6 @@ def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-SAE_CLASSES = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, {"k": 8}),
-    # latents times their decoder row's norm before the top-k (the demo's SAEs are trained this way)
-    "topk_rescaled": (TopKSAE, TopKSAEConfig, {"k": 8, "rescale_acts_by_decoder_norm": True}),
-    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
-    "gated": (GatedSAE, GatedSAEConfig, {}),
-}
-
-
 def make_sae(
     folder: Path,
     d_in: int = HIDDEN,
@@ -125,23 +106,8 @@ def make_sae(
     hook: str | None = None,
     seed: int = 0,
 ) -> Path:
-    """Build a real sae-lens SAE with non-trivial weights, save it with `save_model`, return the folder."""
-    torch.manual_seed(seed)
-    sae_cls, cfg_cls, extra = SAE_CLASSES[architecture]
-    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, **extra)
-    if hook is not None:
-        cfg.metadata.hook_name = hook
-    sae = sae_cls(cfg)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            if name.startswith("b_") or name in ("threshold", "r_mag"):
-                param.copy_(torch.randn_like(param) * 0.05)
-            if name == "threshold":
-                param.copy_(torch.rand_like(param) * 0.1)
-        if getattr(cfg, "rescale_acts_by_decoder_norm", False):  # decoder norms that differ, so rescaling matters
-            sae.W_dec.mul_(torch.rand(d_sae, 1) * 1.5 + 0.5)
-    sae.save_model(folder)
-    return folder
+    """A real sae-lens SAE with non-trivial weights (TopK: k = 8), saved with `save_model`; returns the folder."""
+    return make_test_sae(folder, d_in, d_sae, architecture, hook, seed)
 
 
 @pytest.fixture
