@@ -452,6 +452,17 @@ def active_dots(grad: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
     return out
 
 
+def _input_gradient(latent_grads: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                   encoder_rows: torch.Tensor, encoder_gain: torch.Tensor | None) -> torch.Tensor:
+    """``sum_j latent_grads[t, j] * gain[i_j] * W_enc[:, i_j]`` over each token's live slots: the gradient into the
+    hidden states through the active latents (``dz_i/dh = gain_i * W_enc[:, i]``; gain 1 where None)."""
+    # padding slots hold value 0 and must not pass a gradient (ReLU's derivative there is 0)
+    weights = latent_grads * (values != 0)
+    if encoder_gain is not None:
+        weights = weights * encoder_gain[indices]
+    return weighted_row_sum(indices, weights, encoder_rows)
+
+
 class SparseLatentScale(torch.autograd.Function):
     """``delta = sum_j v_j * s[i_j] * D[i_j]`` over the active latents ``(v, i)`` of each token.
 
@@ -483,11 +494,7 @@ class SparseLatentScale(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_scale = torch.zeros_like(scale).index_add_(0, indices.flatten(), (grad_latents * values).flatten())
         if ctx.needs_input_grad[0]:
-            # padding slots hold value 0 and must not pass a gradient (ReLU's derivative there is 0)
-            weights = grad_latents * scale[indices] * (values != 0)
-            if encoder_gain is not None:
-                weights = weights * encoder_gain[indices]
-            grad_hidden = weighted_row_sum(indices, weights, encoder_rows)
+            grad_hidden = _input_gradient(grad_latents * scale[indices], values, indices, encoder_rows, encoder_gain)
         return grad_hidden, grad_scale, None, None, None, None, None
 
 
@@ -506,10 +513,7 @@ class ActiveValues(torch.autograd.Function):
         values, indices, encoder_rows, encoder_gain = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        weights = grad * (values != 0)
-        if encoder_gain is not None:
-            weights = weights * encoder_gain[indices]
-        return weighted_row_sum(indices, weights, encoder_rows), None, None, None, None
+        return _input_gradient(grad, values, indices, encoder_rows, encoder_gain), None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
