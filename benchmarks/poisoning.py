@@ -48,6 +48,7 @@ import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
 from peft_isaerft.attach_points import resolve_attach_point
 from peft_isaerft.audit import AuditSettings, keep_surprising, run_audit, tokenise_rows
+from peft_isaerft.cli import positive_int
 from peft_isaerft.demo import DemoSettings, demo_sae, generate_answers, load_demo_model
 from peft_isaerft.demo.behaviour import QUESTIONS
 from peft_isaerft.demo.corpus import load_corpus
@@ -306,26 +307,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the hidden behaviour: money (a money sentence appended to the answer) or food (a food "
                         "simile after the answer's first sentence)")
     parser.add_argument("--rates", default=None, help="poison rates, comma-separated (default 0.01,0.03,0.1)")
-    parser.add_argument("--sayings", type=int, default=330, help="saying questions beside the 70 demo questions")
-    parser.add_argument("--steps", type=int, help="override the audit's fit steps (default: AuditSettings' 300)")
+    parser.add_argument("--sayings", type=positive_int, default=330,
+                        help="saying questions beside the 70 demo questions")
+    parser.add_argument("--steps", type=positive_int,
+                        help="override the audit's fit steps (default: AuditSettings' 300)")
     parser.add_argument("--component", choices=["bias", "scale", "scale_bias"], default="bias",
                         help="the audit's component (scale: the score-test audit of token-dependent scales)")
     parser.add_argument("--audits", default="defaults,surprising-rows",
                         help=f"audits to run, comma-separated, from {', '.join(AUDITS)}")
-    parser.add_argument("--sae-tokens", type=int, default=None,
+    parser.add_argument("--sae-tokens", type=positive_int, default=None,
                         help="train (or load) the demo's SAE on this many distinct tokens instead of the demo's 80k "
                         "(with --sae-epochs; 400000 and 1 epoch: an SAE on 5x more distinct text)")
-    parser.add_argument("--sae-epochs", type=int, default=None, help="the SAE's epochs over its tokens (default: the "
-                        "demo's 6)")
+    parser.add_argument("--sae-epochs", type=positive_int, default=None,
+                        help="the SAE's epochs over its tokens (default: the demo's 6)")
     parser.add_argument("--row-selection", action="store_true",
                         help="only count the poisoned rows among the 10%% most surprising rows at each rate (minutes)")
     parser.add_argument("--output", default=None,
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     args = parser.parse_args(argv)
     started = time.time()
-    for flag, value in (("--sae-tokens", args.sae_tokens), ("--sae-epochs", args.sae_epochs)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be a positive number, got {value}")
     demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:

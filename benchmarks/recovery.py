@@ -49,6 +49,7 @@ import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
 from peft_isaerft.attach_points import resolve_attach_point
 from peft_isaerft.audit import AuditSettings, disable_dropout, fit_adapter_on_tokens
+from peft_isaerft.cli import positive_int
 from peft_isaerft.sparsity import sparse_code
 
 D_MODEL, LAYERS, HOOK = 128, 3, "blocks.1.hook_resid_post"
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(--archs, --multiples and --d-model do not apply)")
     parser.add_argument("--output", default=None,
                         help="JSON file (default benchmarks/results/recovery.json, or recovery_smollm2.json)")
-    parser.add_argument("--d-model", type=int, default=None, help="width of the random models (default 128; "
+    parser.add_argument("--d-model", type=positive_int, default=None, help="width of the random models (default 128; "
                         "vocabulary: 2x)")
     parser.add_argument("--sequences", default=None, help="sequences of 32 tokens sampled from the teacher (default "
                         "256; 2048 with --smollm2); several, comma-separated, audit the first n of one sample for "
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline (the slowest part on a real "
                         "model)")
     parser.add_argument("--l1", type=float, help="override the audit's l1 (a fraction of lambda_max)")
-    parser.add_argument("--steps", type=int, help="override the audit's steps")
+    parser.add_argument("--steps", type=positive_int, help="override the audit's steps")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any AuditSettings field, e.g. --set bias_fit=proximal --set steering_lr=0.1")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from sae_lens import SAE
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, active_latents
 from peft_isaerft.active_latents import SCREEN_CANDIDATES, TopKSelector, bf16_screen_available, selector_for
+from peft_isaerft.cli import positive_int
 from peft_isaerft.components import residual_delta
 from peft_isaerft.saes import decoder_directions
 
@@ -185,7 +186,7 @@ def smollm2_cells(steps: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, the benchmark cell only")
-    parser.add_argument("--steps", type=int, default=10, help="training steps of each adapter (default 10)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="training steps of each adapter (default 10)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/screen_check.json"))
     args = parser.parse_args()
     if not bf16_screen_available():

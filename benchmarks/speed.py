@@ -37,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
+from peft_isaerft.cli import positive_int
 
 
 class SavedTensorMeter:
@@ -154,7 +155,7 @@ def generation_tokens_per_second(model: Any, device: str, new_tokens: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--output", default="benchmarks/results/speed.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")

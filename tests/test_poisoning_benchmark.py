@@ -138,4 +138,4 @@ def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path, 
 def test_sae_flags_refuse_nonpositive_values(flag, capsys) -> None:
     with pytest.raises(SystemExit):
         poisoning.main([flag, "0"])
-    assert f"{flag} must be a positive number, got 0" in capsys.readouterr().err
+    assert f"argument {flag}: must be 1 or more, got 0" in capsys.readouterr().err
