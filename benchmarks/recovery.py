@@ -4,6 +4,8 @@
     python benchmarks/recovery.py --quick    # one cell per component, less data (the test suite runs it)
     python benchmarks/recovery.py --smollm2 --components scale --ks 3,10 --seeds 0,1 --sequences 256,2048
         # SmolLM2-135M with the demo's SAE, planted scales of mid-frequency latents, two data sizes
+    python benchmarks/recovery.py --smollm2 ... --resume   # finish a run that was cut: the output is written after
+        # each cell, and --resume keeps the cells it holds (same settings) and runs the others
 
 For each cell: build a random tiny model (initializer_range 0.2, so it reacts to its residual stream) and a TopK SAE
 with unit-norm decoder rows at ``blocks.1.hook_resid_post``; plant a change on k latents in a *teacher* (bias: add
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=positive_int, help="override the audit's steps")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any AuditSettings field, e.g. --set bias_fit=proximal --set steering_lr=0.1")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cells already in --output (written after each cell, by a run with the same "
+                        "settings) and run only the others: a long run can be cut and finished later")
     args = parser.parse_args(argv)
     if args.smollm2 and (args.quick or any(v is not None for v in (args.archs, args.multiples, args.d_model))):
         parser.error("--smollm2 plants into one real model and SAE: drop --quick, --archs, --multiples and --d-model")
@@ -355,18 +360,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       [int(m) for m in (args.multiples or "8,32").split(",")], components, ks, seeds))
         sizes, length = [int(n) for n in (args.sequences or "256").split(",")], 32
     band = args.band or ("mid" if args.smollm2 else "frequent")
-    real_subject = smollm2_subject() if args.smollm2 else None
-    cells = []
-    for arch, multiple, component, k, seed in tqdm(grid, desc="recovery cells", disable=len(grid) < 4):
+    output = Path(args.output or f"benchmarks/results/recovery{'_smollm2' if args.smollm2 else ''}.json")
+    run = {"settings": {k: v for k, v in asdict(settings).items() if k != "component"},
+           "subject": "smollm2" if args.smollm2 else f"tiny, d_model {D_MODEL}", "sequences": sizes, "length": length,
+           "band": band, "lora": not args.no_lora}
+    cells = resumed_cells(output, run, parser) if args.resume else []
+    done = {tuple(cell["grid_entry"]) for cell in cells}
+    remaining = [entry for entry in grid if entry not in done]
+    real_subject = smollm2_subject() if args.smollm2 and remaining else None
+    for entry in tqdm(remaining, desc="recovery cells", disable=len(remaining) < 4):
+        arch, multiple, component, k, seed = entry
         subject = real_subject or tiny_subject(arch, multiple, seed, folder)
         settings.component = component
         for cell in run_cell(subject, component, k, seed, settings, folder, sizes, length,
                              with_lora=not args.no_lora, band=band):
-            cells.append(cell)
+            cells.append({**cell, "grid_entry": list(entry)})
             tqdm.write(f"{arch:7s} {component:5s} k={k:2d} d_sae={cell['d_sae_multiple']}x seed={seed} "
                        f"n={cell['sequences']}: audit {cell['audit']:.2f} | diffing {cell['dataset_diffing']:.2f} | "
                        f"LoRA {_score(cell['lora_projection'])} | LoRA coded {_score(cell['lora_sparse_code'])} | "
                        f"model diffing {cell['model_diffing']:.2f}")
+        write_json(output, {**run, "complete": False, "cells": cells, "table": summarise(cells)})
+    wanted = set(grid)
+    cells = [cell for cell in cells if tuple(cell["grid_entry"]) in wanted]
     table = summarise(cells)
     print("\n| component | k | d_sae | sequences | cells | ISaeRFT audit | dataset diffing | LoRA projection "
           "| LoRA, sparse-coded | model diffing (teacher) |")
@@ -374,13 +389,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in table:
         print(f"| {row['component']} | {row['k']} | {row['d_sae']} | {row['sequences']} | {row['cells']} | "
               + " | ".join(_score(row[method]) for method in METHODS) + " |")
-    result = {"settings": asdict(settings), "subject": "smollm2" if args.smollm2 else f"tiny, d_model {D_MODEL}",
-              "sequences": sizes, "length": length, "band": band, "cells": cells, "table": table}
-    output = Path(args.output or f"benchmarks/results/recovery{'_smollm2' if args.smollm2 else ''}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
+    result = {**run, "complete": True, "cells": cells, "table": table}
+    write_json(output, result)
     print(f"\nwrote {output}")
     return result
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` whole or not at all: a run cut while writing leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(path)
+
+
+def resumed_cells(output: Path, run: dict[str, Any], parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
+    """The cells an earlier run with the same ``run`` description wrote to ``output`` (none if there is no file)."""
+    if not output.exists():
+        print(f"--resume: {output} does not exist yet; starting from the first cell")
+        return []
+    previous = json.loads(output.read_text())
+    differs = [key for key in run if previous.get(key) != run[key]]
+    if differs or any("grid_entry" not in cell for cell in previous.get("cells", [])):
+        parser.error(f"--resume: {output} was written by a run with other {', '.join(differs) or 'cells'} "
+                     "(or before runs could be resumed); drop --resume to start over, or pass another --output")
+    print(f"--resume: keeping {len(previous['cells'])} cells from {output}")
+    return previous["cells"]
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def test_audit_inputs_are_validated(tmp_path) -> None:
         read_rows(bad)
 
 
-def test_small_recovery_benchmark_finds_planted_features(tmp_path) -> None:
+def test_small_recovery_benchmark_finds_planted_features_and_resumes_a_cut_run(tmp_path, monkeypatch,
+                                                                                capsys) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import recovery
 
@@ -88,6 +89,34 @@ def test_small_recovery_benchmark_finds_planted_features(tmp_path) -> None:
         assert row["audit"] >= 0.8, row
         for baseline in ("dataset_diffing", "lora_projection", "lora_sparse_code"):
             assert row["audit"] > row[baseline], row
+    assert result["complete"] and all("grid_entry" in cell for cell in result["cells"])
+
+    # a run cut after its first cell: --resume keeps that cell and runs only the other one
+    output = tmp_path / "cut.json"
+    first = result["cells"][0]["grid_entry"]
+    kept = [cell for cell in result["cells"] if cell["grid_entry"] == first]
+    output.write_text(json.dumps({**result, "complete": False, "cells": kept}))
+    ran = []
+    real_run_cell = recovery.run_cell
+
+    def recording_run_cell(subject, component, k, seed, *args, **kwargs):
+        ran.append((component, k, seed))
+        return real_run_cell(subject, component, k, seed, *args, **kwargs)
+
+    monkeypatch.setattr(recovery, "run_cell", recording_run_cell)
+    resumed = recovery.main(["--quick", "--output", str(output), "--resume"])
+    assert ran == [tuple(cell["grid_entry"][2:]) for cell in result["cells"] if cell["grid_entry"] != first]
+    assert resumed["complete"] and [c["grid_entry"] for c in resumed["cells"]] == [
+        c["grid_entry"] for c in result["cells"]]
+    assert resumed["cells"][0] == kept[0]
+    assert json.loads(output.read_text())["table"] == resumed["table"]
+
+    # everything done: nothing runs; other settings: a clear refusal instead of mixing two runs' cells
+    ran.clear()
+    assert recovery.main(["--quick", "--output", str(output), "--resume"])["table"] == resumed["table"] and not ran
+    with pytest.raises(SystemExit):
+        recovery.main(["--quick", "--output", str(output), "--resume", "--steps", "7"])
+    assert "was written by a run with other settings" in capsys.readouterr().err
 
 
 def _token_rows(n: int = 24, length: int = 12) -> list[dict[str, list[int]]]:
