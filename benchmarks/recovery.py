@@ -380,8 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        f"LoRA {_score(cell['lora_projection'])} | LoRA coded {_score(cell['lora_sparse_code'])} | "
                        f"model diffing {cell['model_diffing']:.2f}")
         write_json(output, {**run, "complete": False, "cells": cells, "table": summarise(cells)})
-    wanted = set(grid)
-    cells = [cell for cell in cells if tuple(cell["grid_entry"]) in wanted]
+    # the file keeps every cell it has gathered (a run of some cells adds to it), and the table covers them all
     table = summarise(cells)
     print("\n| component | k | d_sae | sequences | cells | ISaeRFT audit | dataset diffing | LoRA projection "
           "| LoRA, sparse-coded | model diffing (teacher) |")
