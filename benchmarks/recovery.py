@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="override any AuditSettings field, e.g. --set bias_fit=proximal --set steering_lr=0.1")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in --output (written after each cell, by a run with the same "
-                        "settings) and run only the others: a long run can be cut and finished later")
+                        "settings) and run only the others: a long run can be cut and finished later. The file keeps "
+                        "every cell it gathers, also those of other --ks or --seeds; its \"complete\" is true once "
+                        "this command's own cells are all in")
     args = parser.parse_args(argv)
     if args.smollm2 and (args.quick or any(v is not None for v in (args.archs, args.multiples, args.d_model))):
         parser.error("--smollm2 plants into one real model and SAE: drop --quick, --archs, --multiples and --d-model")
