@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(with --sae-epochs; 400000 and 1 epoch: an SAE on 5x more distinct text)")
     parser.add_argument("--sae-epochs", type=positive_int, default=None,
                         help="the SAE's epochs over its tokens (default: the demo's 6)")
+    parser.add_argument("--sae-layer", type=int, default=None,
+                        help="train (or load) the SAE on the residual stream after this decoder layer instead of the "
+                        "demo's 15 (SmolLM2 has 30: 0 to 29)")
     parser.add_argument("--row-selection", action="store_true",
                         help="only count the poisoned rows among the 10%% most surprising rows at each rate (minutes)")
     parser.add_argument("--output", default=None,
@@ -350,6 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     started = time.time()
     demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
+    if args.sae_layer is not None:
+        if args.sae_layer < 0:
+            parser.error(f"argument --sae-layer: a decoder layer's index, 0 or more, got {args.sae_layer}")
+        demo_settings = demo_settings.with_sae(layer=args.sae_layer)
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:
         parser.error(f"unknown audits {sorted(unknown)}; choose from {', '.join(AUDITS)}")
@@ -370,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sayings, new_tokens, heldout, answer_tokens = (
         (14, 8, 24, 6) if args.quick else (args.sayings, 40, 1500, 32))
     model, tokenizer, name = load_demo_model()
+    if args.sae_layer is not None and args.sae_layer >= model.config.num_hidden_layers:
+        parser.error(f"argument --sae-layer: {name} has {model.config.num_hidden_layers} decoder layers, 0 to "
+                     f"{model.config.num_hidden_layers - 1}; got {args.sae_layer}")
     texts, _sources = load_corpus()
     prompts = build_prompts(texts, sayings, poison)
     prompts = prompts[:10] + prompts[-sayings:] if args.quick else prompts

