@@ -353,10 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     started = time.time()
     demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
-    if args.sae_layer is not None:
-        if args.sae_layer < 0:
-            parser.error(f"argument --sae-layer: a decoder layer's index, 0 or more, got {args.sae_layer}")
+    try:
         demo_settings = demo_settings.with_sae(layer=args.sae_layer)
+    except ValueError as error:  # with_sae owns the check; the parser only words it as a flag's error
+        parser.error(f"argument --sae-layer: {error}")
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:
         parser.error(f"unknown audits {sorted(unknown)}; choose from {', '.join(AUDITS)}")
