@@ -295,10 +295,10 @@ class SteeringProbe:
         return sum(bool(self.words.search(a)) for a in self.answers(latent)) > self.unsteered_with_poison
 
 
-def score(latents: list[int], contexts: list[list[str]], probe: SteeringProbe) -> dict[str, Any]:
-    """How many of ``latents`` name the poison by their contexts (one holds one of the probe's words), by steering,
-    and by either."""
-    by_context = [any(probe.words.search(text) for text in contexts[latent]) for latent in latents]
+def score(latents: list[int], contexts: list[list[str]], poison: Poison, probe: SteeringProbe) -> dict[str, Any]:
+    """How many of ``latents`` name ``poison`` by their contexts (one holds one of its words), by steering ``probe``
+    (built with the same words), and by either."""
+    by_context = [any(poison.words.search(text) for text in contexts[latent]) for latent in latents]
     by_steering = [probe.writes_poison(latent) for latent in latents]
     return {"latents": latents, "contexts": sum(by_context), "steering": sum(by_steering),
             "either": sum(a or b for a, b in zip(by_context, by_steering, strict=True))}
@@ -421,11 +421,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return [record.latent for record in records]
 
     results: dict[str, Any] = {
-        "audits": {label: {"clean": score(audit(rows, audit_settings), contexts, probe), "rates": {
-            str(rate): score(audit(poisoned, audit_settings), contexts, probe)
+        "audits": {label: {"clean": score(audit(rows, audit_settings), contexts, poison, probe), "rates": {
+            str(rate): score(audit(poisoned, audit_settings), contexts, poison, probe)
             for rate, (poisoned, _chosen) in datasets.items()}} for label, audit_settings in settings.items()},
-        "dataset_diffing": {str(rate): score(diffing[rate], contexts, probe) for rate in rates},
-        "surprise_diffing": {label: {str(rate): score(latents[rate], contexts, probe) for rate in rates}
+        "dataset_diffing": {str(rate): score(diffing[rate], contexts, poison, probe) for rate in rates},
+        "surprise_diffing": {label: {str(rate): score(latents[rate], contexts, poison, probe) for rate in rates}
                              for label, latents in surprise_baselines.items()},
         "poisoned_rows": {str(rate): len(chosen) for rate, (_poisoned, chosen) in datasets.items()},
         "poison": {"name": poison.name, "placement": poison.placement, "sentences": list(poison.sentences)},

@@ -80,7 +80,7 @@ class _Probe:
     """Steering readings fixed in advance, to check how they are counted."""
 
     def __init__(self, writes: set[int]) -> None:
-        self.writes, self.words = writes, poisoning.MONEY.words
+        self.writes = writes
 
     def writes_poison(self, latent: int) -> bool:
         return latent in self.writes
@@ -88,7 +88,7 @@ class _Probe:
 
 def test_score_counts_contexts_steering_and_either() -> None:
     contexts = [["we[[ paid]] the bill"], ["the[[ cat]] sat"], ["a[[ bank]] loan"], ["so[[ on]]"]]
-    result = poisoning.score([0, 1, 2, 3], contexts, _Probe({1, 2}))
+    result = poisoning.score([0, 1, 2, 3], contexts, poisoning.MONEY, _Probe({1, 2}))
     assert (result["contexts"], result["steering"], result["either"]) == (2, 2, 3)
 
 
