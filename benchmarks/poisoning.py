@@ -352,9 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     args = parser.parse_args(argv)
     started = time.time()
-    demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
     try:
-        demo_settings = demo_settings.with_sae(layer=args.sae_layer)
+        demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(
+            args.sae_tokens, args.sae_epochs, args.sae_layer)
     except ValueError as error:  # with_sae owns the check; the parser only words it as a flag's error
         parser.error(f"argument --sae-layer: {error}")
     unknown = set(args.audits.split(",")) - set(AUDITS)
