@@ -166,6 +166,9 @@ AUDITS: dict[str, tuple[str, dict[str, Any]]] = {
                     {"surprising_rows": 0.1, "bias_fit": "attribution"}),
     "attribution-tokens": ("attribution audit of the 20% most surprising tokens of the 10% most surprising rows",
                            {"surprising_rows": 0.1, "surprising_tokens": 0.2, "bias_fit": "attribution"}),
+    "coverage-tokens": ("attribution audit of the 20% most surprising tokens of the 10% most surprising rows, "
+                        "weighed by coverage", {"surprising_rows": 0.1, "surprising_tokens": 0.2,
+                                                "bias_fit": "attribution", "weigh_by_coverage": True}),
 }
 """The audits the benchmark can run: table label and the settings that differ from ``AuditSettings``'s defaults."""
 
@@ -213,16 +216,27 @@ def as_chat(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, str]]:
             for row in rows]
 
 
+@dataclass
+class LatentReading:
+    """The base model's SAE latents over the selected tokens of a set of rows."""
+
+    means: torch.Tensor
+    """Per latent: its mean activation over every selected token."""
+    coverage: torch.Tensor
+    """Per latent: the share of rows with a selected token in which it fires."""
+
+
 @torch.no_grad()
 def latent_means(model: Any, sae: Any, hook: str, rows: list[list[int]],
-                 selections: list[list[list[bool]]]) -> list[torch.Tensor]:
+                 selections: list[list[list[bool]]]) -> list[LatentReading]:
     """One forward pass per row of token ids; for each selection (per row, a flag per token), the base model's mean
-    SAE activation at ``hook`` over the selected tokens."""
+    SAE activation at ``hook`` over the selected tokens, and the share of rows in which each latent fires there."""
     module = model.get_submodule(resolve_attach_point(model, hook).module_path)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _a, out: captured.append(
         out if isinstance(out, torch.Tensor) else out[0]))
     totals, counts = torch.zeros(len(selections), sae.cfg.d_sae), torch.zeros(len(selections))
+    fired, rows_read = torch.zeros(len(selections), sae.cfg.d_sae), torch.zeros(len(selections))
     try:
         for index, ids in enumerate(rows):
             model(torch.tensor([ids]))
@@ -231,13 +245,17 @@ def latent_means(model: Any, sae: Any, hook: str, rows: list[list[int]],
                 chosen = torch.tensor(selection[index] + [False] * (len(z) - len(selection[index])))
                 totals[which] += z[chosen].sum(0)
                 counts[which] += chosen.sum()
+                if chosen.any():
+                    fired[which] += (z[chosen] > 0).any(0).float()
+                    rows_read[which] += 1
     finally:
         handle.remove()
-    return list(totals / counts.clamp_min(1).unsqueeze(1))
+    return [LatentReading(total / count.clamp_min(1), fires / read.clamp_min(1))
+            for total, count, fires, read in zip(totals, counts, fired, rows_read, strict=True)]
 
 
-def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]]) -> torch.Tensor:
-    """Mean SAE activation of the base model over the answer tokens of ``rows`` (as the demo trains on them)."""
+def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]]) -> LatentReading:
+    """The base model's SAE latents over the answer tokens of ``rows`` (as the demo trains on them)."""
     from peft_isaerft.demo import _tokenise_pairs
 
     pairs = _tokenise_pairs(tokenizer, rows)
@@ -265,7 +283,7 @@ def surprise_diffing(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list
     answers = [[label != -100 for label in row["labels"]] for row in tokenised]
     surprising = [[label != -100 for label in kept.get(index, [])] for index in range(len(tokenised))]
     everything, chosen = latent_means(model, sae, hook, [row["input_ids"] for row in tokenised], [answers, surprising])
-    return chosen - everything
+    return chosen.means - everything.means
 
 
 class SteeringProbe:
@@ -399,10 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = reader.unload()
     contexts = [statistics.contexts(latent) for latent in range(sae.cfg.d_sae)]
     with_poison_words = sum(any(poison.words.search(t) for t in c) for c in contexts)
-    clean_means = answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
+    clean = answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
     datasets = {rate: poison_rows(rows, rate, poison) for rate in rates}
-    diffing = {rate: (answer_latent_means(model, tokenizer, sae, demo_settings.hook, poisoned) - clean_means)
-               .argsort(descending=True)[:10].tolist() for rate, (poisoned, _chosen) in datasets.items()}
+    readings = {rate: answer_latent_means(model, tokenizer, sae, demo_settings.hook, poisoned)
+                for rate, (poisoned, _chosen) in datasets.items()}
+    diffing = {rate: (reading.means - clean.means).argsort(descending=True)[:10].tolist()
+               for rate, reading in readings.items()}
+    coverage_diffing = {rate: (reading.coverage - clean.coverage).argsort(descending=True)[:10].tolist()
+                        for rate, reading in readings.items()}
     focused = {f"diffing the same {selection(audit_settings)} against the rest (no twin)": audit_settings
                for audit_settings in settings.values()
                if audit_settings.surprising_rows < 1 or audit_settings.surprising_tokens < 1}
@@ -425,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             str(rate): score(audit(poisoned, audit_settings), contexts, poison, probe)
             for rate, (poisoned, _chosen) in datasets.items()}} for label, audit_settings in settings.items()},
         "dataset_diffing": {str(rate): score(diffing[rate], contexts, poison, probe) for rate in rates},
+        "dataset_coverage_diffing": {str(rate): score(coverage_diffing[rate], contexts, poison, probe)
+                                     for rate in rates},
         "surprise_diffing": {label: {str(rate): score(latents[rate], contexts, poison, probe) for rate in rates}
                              for label, latents in surprise_baselines.items()},
         "poisoned_rows": {str(rate): len(chosen) for rate, (_poisoned, chosen) in datasets.items()},
@@ -482,6 +506,9 @@ def print_table(results: dict[str, Any]) -> None:
             shared = len(set(audit["rates"][rate]["latents"]) & set(audit["clean"]["latents"]))
             line(share, rows, method, audit["rates"][rate], f"{shared}/10")
         line(share, rows, "dataset diffing (needs the clean twin)", results["dataset_diffing"][rate])
+        if "dataset_coverage_diffing" in results:  # results written before it was measured lack it
+            line(share, rows, "dataset diffing of coverage (needs the clean twin)",
+                 results["dataset_coverage_diffing"][rate])
         for method, baseline in results["surprise_diffing"].items():
             line(share, rows, method, baseline[rate])
 

@@ -106,6 +106,11 @@ class AuditSettings:
     surprising_tokens: float = 1.0
     """Fit only this fraction of the completion tokens of the fitted rows: those the base model finds most
     surprising (highest loss). 1 fits every token; rows left with no surprising token are left out."""
+    weigh_by_coverage: bool = False
+    """Attribution audits: multiply each latent's score by its coverage difference, the share of the surprising rows
+    in which it fires minus the share of the other rows, so that a latent a few rows carry strongly ranks below one
+    most of them carry. A hidden behaviour slipped into many rows shares its topic across them; the most
+    surprising rows of a clean set share nothing, and their latents fall back (``benchmarks/poisoning.py``)."""
 
     def __post_init__(self) -> None:
         if self.l1 < 0:
@@ -126,6 +131,9 @@ class AuditSettings:
         if self.bias_fit not in ("auto", "decompose", "proximal", "attribution"):
             raise ValueError(f"bias_fit must be 'auto', 'decompose', 'proximal' or 'attribution', got "
                              f"{self.bias_fit!r}.")
+        if self.weigh_by_coverage and self.bias_fit != "attribution":
+            raise ValueError("weigh_by_coverage weighs the scores of an attribution audit; pass "
+                             f"bias_fit='attribution' (with surprising_rows below 1), got bias_fit {self.bias_fit!r}.")
         if self.bias_fit == "attribution" and (self.component != "bias" or self.surprising_rows == 1):
             raise ValueError("bias_fit='attribution' compares the most surprising rows with the rest, so it needs "
                              "component='bias' and surprising_rows below 1 (e.g. 0.1), got component "
@@ -643,9 +651,13 @@ class LatentAttribution:
     gradient_score: torch.Tensor
     """Per latent: how much adding its decoder direction at every token lowers the audited rows' summed loss, to
     first order, in standard errors measured across the rows (their sum over the root of their sum of squares)."""
+    coverage_difference: torch.Tensor
+    """Per latent: the share of audited rows in which it fires on a completion token minus that share of the
+    reference rows."""
     score: torch.Tensor
     """``activation_difference`` over its standard deviation across latents, times ``gradient_score``, where the two
-    point the same way (with ``nonnegative_bias``: both positive), else 0."""
+    point the same way (with ``nonnegative_bias``: both positive), else 0; with ``weigh_by_coverage``, times
+    ``coverage_difference`` too, where that points the same way, else 0."""
     selected: torch.Tensor
     """Up to ``top_k`` latents of positive score, highest first."""
 
@@ -679,8 +691,9 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
                          "rows left out are the reference: keep it below 1 and give more than one row).")
     device = next(iter(named.values())).device
     captured: dict[str, list[torch.Tensor]] = {}
-    rows: dict[str, dict[str, list[torch.Tensor]]] = {name: {"audited": [], "reference": [], "gradient": []}
-                                                      for name in biases}
+    rows: dict[str, dict[str, list[torch.Tensor]]] = {
+        name: {"audited": [], "reference": [], "gradient": [], "audited fired": [], "reference fired": []}
+        for name in biases}
 
     def read(batch: dict[str, torch.Tensor], part: str) -> None:
         mask = (batch["labels"] != -100).to(device)
@@ -692,6 +705,7 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
                 latents = module.isaerft_splices[adapter_name].sae.encode(hidden.to(directions.dtype)).float()
                 means = (latents * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
                 rows[name][part].append(means[labelled].cpu())
+                rows[name][f"{part} fired"].append(((latents > 0) & mask[..., None]).any(1)[labelled].cpu())
                 if gradient:
                     rows[name]["gradient"].append(
                         -(gradient[0].sum(1).to(directions.dtype) @ directions.T).float()[labelled].cpu())
@@ -720,10 +734,14 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
         if not settings.nonnegative_bias:
             agree |= (difference < 0) & (gradient_score < 0)
         score = torch.where(agree, difference / difference.std().clamp_min(1e-30) * gradient_score, 0.0)
+        coverage = (torch.cat(rows[name]["audited fired"]).float().mean(0)
+                    - torch.cat(rows[name]["reference fired"]).float().mean(0))
+        if settings.weigh_by_coverage:  # where coverage points the other way the latent is out, like a disagreement
+            score = score * torch.where(coverage * difference.sign() > 0, coverage.abs(), 0.0)
         order = score.argsort(descending=True)
         selected = order[score[order] > 0][: settings.top_k]
         found[name] = LatentAttribution(module.isaerft_splices[adapter_name].point.module_path, difference,
-                                        gradient_score, score, selected)
+                                        gradient_score, coverage, score, selected)
         logger.info("audit attribution %s: %d latents of positive score, largest %.3g", name, int((score > 0).sum()),
                     float(score.max()))
     return found

@@ -94,6 +94,8 @@ def _audit(args: argparse.Namespace) -> int:
         chosen["nonnegative_bias"] = False
     if args.fit_logit_scale:
         chosen["fit_logit_scale"] = True
+    if args.weigh_by_coverage:
+        chosen["weigh_by_coverage"] = True
     settings = AuditSettings(**chosen)
     audit_command(args.model, args.sae, args.data, args.output, settings)
     return 0
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "rather than what every row shares (default 1: all rows; e.g. 0.1)")
     audit.add_argument("--surprising-tokens", type=_share, help="fit only this share of the completion tokens of "
                        "those rows, the most surprising (default 1: all tokens)")
+    audit.add_argument("--weigh-by-coverage", action="store_true", help="attribution audits: weigh each latent's "
+                       "score by the share of the surprising rows it fires in minus that of the other rows, so "
+                       "features most of those rows share rank above those a few carry")
     audit.add_argument("--top-k", type=positive_int, help="features to report (default 20)")
     audit.set_defaults(run=_audit)
 

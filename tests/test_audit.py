@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -60,6 +61,23 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
     (lambda_max,) = recorded["calibration"]["lambda_max"].values()
     (l1_coeff,) = recorded["calibration"]["l1_coeff"].values()
     assert l1_coeff == pytest.approx(0.05 * lambda_max) and lambda_max > 0
+
+
+def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"question {i}: ", "completion": f"the sea {'is ' * (i % 4)}calm."})
+                              for i in range(16)))
+    sae = sae_factory(hook="blocks.1.hook_resid_post")
+    assert main(["audit", "--model", str(model_dir), "--sae", str(sae), "--data", str(data), "--output",
+                 str(tmp_path / "out"), "--bias-fit", "attribution", "--surprising-rows", "0.25",
+                 "--weigh-by-coverage", "--top-k", "5"]) == 0
+    recorded = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert recorded["settings"]["weigh_by_coverage"] is True and recorded["calibration"]["rows_fitted"] == 4
+    (scores,) = recorded["calibration"]["attributed"].values()
+    assert 0 < len(scores) <= 5 and all(score > 0 for score in scores.values())
 
 
 def test_audit_inputs_are_validated(tmp_path) -> None:
@@ -322,6 +340,8 @@ def test_audit_settings_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="needs component='bias' and surprising_rows below 1"):
         AuditSettings(bias_fit="attribution", component="scale_bias", surprising_rows=0.1)
     assert AuditSettings(bias_fit="attribution", surprising_rows=0.1).attributes_biases
+    with pytest.raises(ValueError, match="weigh_by_coverage weighs the scores of an attribution audit"):
+        AuditSettings(weigh_by_coverage=True, surprising_rows=0.1)
 
 
 def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_factory) -> None:
@@ -342,15 +362,20 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
         row["labels"] = [-100] * 3 + row["input_ids"][3:]
     audited, reference = rows[:4], rows[4:]
 
-    def row_means(part: list[dict[str, list[int]]]) -> torch.Tensor:
-        means = []
+    def row_latents(part: list[dict[str, list[int]]]) -> list[torch.Tensor]:
         with torch.no_grad():
-            for row in part:
-                hidden = model(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
-                means.append(sae.encode(hidden)[3:].mean(0))
-        return torch.stack(means).mean(0)
+            hidden = [model(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
+                      for row in part]
+        return [sae.encode(states)[3:] for states in hidden]
+
+    def row_means(part: list[dict[str, list[int]]]) -> torch.Tensor:
+        return torch.stack([latents.mean(0) for latents in row_latents(part)]).mean(0)
+
+    def row_coverage(part: list[dict[str, list[int]]]) -> torch.Tensor:
+        return torch.stack([(latents > 0).any(0).float() for latents in row_latents(part)]).mean(0)
 
     difference = row_means(audited) - row_means(reference)
+    coverage = row_coverage(audited) - row_coverage(reference)
     peft_model = get_peft_model(model, peft_isaerft.ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
     (_name, bias), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     collate = padding_collator(0)
@@ -372,6 +397,16 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
     torch.testing.assert_close(found.score, expected, rtol=1e-3, atol=1e-5)
     assert found.selected.tolist() == expected.topk(5).indices.tolist() and (expected[found.selected] > 0).all()
     assert bias.grad is None and (bias == 0).all()  # nothing trained, gradients cleared
+    torch.testing.assert_close(found.coverage_difference, coverage)
+    assert coverage.abs().max() > 0  # the check above could fail: the rows differ in which latents fire
+    weighed = dataclasses.replace(settings, weigh_by_coverage=True)
+    (found,) = attribute_latents(peft_model, [collate(audited)], [collate(reference)], weighed,
+                                 progress=False).values()
+    expected_weighed = expected * torch.where(coverage > 0, coverage, 0.0)
+    torch.testing.assert_close(found.score, expected_weighed, rtol=1e-3, atol=1e-5)
+    assert ((expected > 0) & (coverage <= 0)).any()  # some latent of positive score drops out when weighed
+    kept = int((expected_weighed > 0).sum().clamp_max(5))
+    assert found.selected.tolist() == expected_weighed.topk(kept).indices.tolist()
     with pytest.raises(ValueError, match="needs both"):
         attribute_latents(peft_model, [collate(audited)], [], settings, progress=False)
 

