@@ -506,9 +506,8 @@ def print_table(results: dict[str, Any]) -> None:
             shared = len(set(audit["rates"][rate]["latents"]) & set(audit["clean"]["latents"]))
             line(share, rows, method, audit["rates"][rate], f"{shared}/10")
         line(share, rows, "dataset diffing (needs the clean twin)", results["dataset_diffing"][rate])
-        if "dataset_coverage_diffing" in results:  # results written before it was measured lack it
-            line(share, rows, "dataset diffing of coverage (needs the clean twin)",
-                 results["dataset_coverage_diffing"][rate])
+        line(share, rows, "dataset diffing of coverage (needs the clean twin)",
+             results["dataset_coverage_diffing"][rate])
         for method, baseline in results["surprise_diffing"].items():
             line(share, rows, method, baseline[rate])
 

@@ -368,14 +368,15 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
                       for row in part]
         return [sae.encode(states)[3:] for states in hidden]
 
-    def row_means(part: list[dict[str, list[int]]]) -> torch.Tensor:
-        return torch.stack([latents.mean(0) for latents in row_latents(part)]).mean(0)
+    def row_means(latents: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([row.mean(0) for row in latents]).mean(0)
 
-    def row_coverage(part: list[dict[str, list[int]]]) -> torch.Tensor:
-        return torch.stack([(latents > 0).any(0).float() for latents in row_latents(part)]).mean(0)
+    def row_coverage(latents: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(row > 0).any(0).float() for row in latents]).mean(0)
 
-    difference = row_means(audited) - row_means(reference)
-    coverage = row_coverage(audited) - row_coverage(reference)
+    audited_latents, reference_latents = row_latents(audited), row_latents(reference)
+    difference = row_means(audited_latents) - row_means(reference_latents)
+    coverage = row_coverage(audited_latents) - row_coverage(reference_latents)
     peft_model = get_peft_model(model, peft_isaerft.ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
     (_name, bias), = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     collate = padding_collator(0)
