@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call on a lent GPU machine (about 5 minutes on one H200):
-# every splice path against plain autograd on the GPU (benchmarks/gpu_equality.py), the speed benchmark's gemma-2-2b
+# every splice path against plain autograd on the GPU (benchmarks/gpu_equality.py), `isaerft audit` on the GPU against
+# --use-cpu (benchmarks/gpu_audit.py), the speed benchmark's gemma-2-2b
 # preset and the FSDP recipe (train under `accelerate launch` with FSDP, save,
 # reload in a fresh process, compare). Results go to $OUT (default: benchmarks/results/gpu).
 # The machine has torch, transformers' dependencies and accelerate but no sae-lens and no registry: the wheels come
@@ -22,6 +23,8 @@ python3 -c "import torch, transformers, peft, sae_lens, accelerate; print('torch
 quick=${QUICK:+--quick}
 timeout 240 python3 benchmarks/gpu_equality.py $quick --output "$OUT/equality.json" 2>&1 \
   | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/equality.log"
+timeout 240 python3 benchmarks/gpu_audit.py $quick --output "$OUT/audit.json" 2>&1 \
+  | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/audit.log"
 timeout 480 python3 benchmarks/speed.py --preset gemma-2-2b $quick --output "$OUT/speed_gemma-2-2b.json" 2>&1 \
   | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/preset.log"
 if [ -z "${QUICK:-}" ] && [ "${FSDP:-1}" != 0 ]; then

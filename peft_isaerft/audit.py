@@ -111,6 +111,10 @@ class AuditSettings:
     in which it fires minus the share of the other rows, so that a latent a few rows carry strongly ranks below one
     most of them carry. A hidden behaviour slipped into many rows shares its topic across them; the most
     surprising rows of a clean set share nothing, and their latents fall back (``benchmarks/poisoning.py``)."""
+    use_cpu: bool = False
+    """Run every pass on the CPU even where CUDA is available (``TrainingArguments.use_cpu``). Otherwise a model on
+    the CPU is moved to the GPU first, as the Trainer moves it, so that the passes before the fit (the surprise,
+    the calibration, the scale screen, the attribution) run on the GPU too instead of on the CPU."""
 
     def __post_init__(self) -> None:
         if self.l1 < 0:
@@ -292,6 +296,9 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
     from . import ISaeRFTConfig
 
     disable_dropout(model)
+    device = audit_device(model, settings.use_cpu)
+    if device is not None:
+        model.to(device)
     reference: list[dict[str, list[int]]] = []
     if settings.surprising_rows < 1 or settings.surprising_tokens < 1:
         tokenised, reference = split_surprising(model, tokenised, settings.surprising_rows,
@@ -319,7 +326,7 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
         output_dir=str(output_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         lr_scheduler_type="cosine" if settings.decomposes_bias else "constant", save_strategy="no", report_to=[],
         logging_strategy="steps" if progress else "no", logging_steps=max(1, settings.steps // 10),
-        use_cpu=not torch.cuda.is_available(), seed=0,
+        use_cpu=settings.use_cpu or not torch.cuda.is_available(), seed=0,
         remove_unused_columns=False, disable_tqdm=not progress, log_level="warning" if not progress else "passive",
     )
     dataset = Dataset.from_list(list(tokenised))
@@ -353,6 +360,25 @@ def fit_adapter_on_tokens(model: Any, saes: list[dict[str, str]], tokenised: Seq
         [{"params": [parameters[name]], "lr": lr} for name, lr in calibration.lr.items()], weight_decay=0.0
     ))
     return peft_model.eval(), calibration
+
+
+def audit_device(model: Any, use_cpu: bool = False) -> torch.device | None:
+    """Where the audit moves ``model`` before its first pass, or None to leave it where it is: the CPU when
+    ``use_cpu``, else the GPU where CUDA is available (a model already on one stays there). A model dispatched over
+    several devices (``device_map``) is left alone.
+
+    Example:
+        >>> audit_device(torch.nn.Linear(2, 2), use_cpu=True)
+        device(type='cpu')
+    """
+    placed = {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(placed) > 1:
+        return None
+    if use_cpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or next(model.parameters()).device.type == "cuda":
+        return None
+    return torch.device("cuda")
 
 
 def keep_surprising(model: Any, tokenised: Sequence[dict[str, list[int]]], rows: float = 1.0, tokens: float = 1.0,

@@ -96,6 +96,8 @@ def _audit(args: argparse.Namespace) -> int:
         chosen["fit_logit_scale"] = True
     if args.weigh_by_coverage:
         chosen["weigh_by_coverage"] = True
+    if args.use_cpu:
+        chosen["use_cpu"] = True
     settings = AuditSettings(**chosen)
     audit_command(args.model, args.sae, args.data, args.output, settings)
     return 0
@@ -256,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--weigh-by-coverage", action="store_true", help="attribution audits: weigh each latent's "
                        "score by the share of the surprising rows it fires in minus that of the other rows, so "
                        "features most of those rows share rank above those a few carry")
-    audit.add_argument("--top-k", type=positive_int, help="features to report (default 20)")
+    audit.add_argument("--top-k", type=positive_int, help="features to report (default 10)")
+    audit.add_argument("--use-cpu", action="store_true", help="run every pass on the CPU even where CUDA is available "
+                       "(by default the model moves to the GPU before the first pass, as the Trainer moves it)")
     audit.set_defaults(run=_audit)
 
     demo = _subcommand(commands, "demo", "fine-tune SmolLM2-135M-Instruct with ISaeRFT and read what changed")

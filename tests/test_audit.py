@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from peft_isaerft.audit import parse_sae_argument, read_rows
+from peft_isaerft.audit import audit_device, parse_sae_argument, read_rows
 from peft_isaerft.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +73,24 @@ def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_pa
     sae = sae_factory(hook="blocks.1.hook_resid_post")
     assert main(["audit", "--model", str(model_dir), "--sae", str(sae), "--data", str(data), "--output",
                  str(tmp_path / "out"), "--bias-fit", "attribution", "--surprising-rows", "0.25",
-                 "--weigh-by-coverage", "--top-k", "5"]) == 0
+                 "--weigh-by-coverage", "--top-k", "5", "--use-cpu"]) == 0
     recorded = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert recorded["settings"]["weigh_by_coverage"] is True and recorded["calibration"]["rows_fitted"] == 4
+    assert recorded["settings"]["use_cpu"] is True
     (scores,) = recorded["calibration"]["attributed"].values()
     assert 0 < len(scores) <= 5 and all(score > 0 for score in scores.values())
+
+
+def test_the_audit_runs_where_the_trainer_would(monkeypatch) -> None:
+    model = make_model("llama")
+    assert audit_device(model, use_cpu=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert audit_device(model) is None  # no GPU: the model stays where the user put it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert audit_device(model) == torch.device("cuda")  # the passes before the fit run where the Trainer trains
+    assert audit_device(model, use_cpu=True) == torch.device("cpu")
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert audit_device(model) is None  # dispatched over two devices: left as it is
 
 
 def test_audit_inputs_are_validated(tmp_path) -> None:
@@ -192,12 +205,13 @@ def test_decomposed_bias_audit_codes_the_planted_change(tmp_path) -> None:
     assert settings.decomposes_bias
     audited, calibration = fit_adapter_on_tokens(recovery.build_model("gpt2", seed=0), [{"path": str(sae_path)}],
                                                  rows, settings, tmp_path / "trainer", progress=False)
-    (name, bias), = [(n, p) for n, p in audited.named_parameters() if "isaerft_bias" in n]
-    assert bias.requires_grad and l1_coefficient(bias) == 0  # trainable again; no proximal step left behind
-    assert sorted(bias.detach().topk(3).indices.tolist()) == planted and (bias >= 0).all()
+    (name, parameter), = [(n, p) for n, p in audited.named_parameters() if "isaerft_bias" in n]
+    assert parameter.requires_grad and l1_coefficient(parameter) == 0  # trainable again; no proximal step left behind
+    bias = parameter.detach().cpu()  # the audit trains where the Trainer does: on a GPU machine, the GPU
+    assert sorted(bias.topk(3).indices.tolist()) == planted and (bias >= 0).all()
     # the code rebuilds the planted vector: direction and size (a steering vector that kept stale gradients
     # across steps would overshoot by orders of magnitude)
-    fitted, target = bias.detach() @ decoder, strength * decoder[planted].sum(0)
+    fitted, target = bias @ decoder, strength * decoder[planted].sum(0)
     assert torch.nn.functional.cosine_similarity(fitted, target, dim=0) > 0.9
     assert 0.6 < float(fitted.norm() / target.norm()) < 1.3
     assert calibration.l1_coeff[name] == pytest.approx(settings.l1 * calibration.lambda_max[name])
@@ -254,8 +268,8 @@ def test_decomposed_bias_audit_codes_one_steering_vector_per_sae(sae_factory, tm
     assert not torch.allclose(coded[0], coded[1])  # one vector per attach point, each fitted
     for (name, bias), target, path in zip(biases, coded, saes, strict=True):
         decoder = SAE.load_from_disk(str(path)).W_dec.detach()
-        expected, lambda_max = original(target, decoder, 0.2)
-        torch.testing.assert_close(bias.detach(), expected)
+        expected, lambda_max = original(target.cpu(), decoder, 0.2)
+        torch.testing.assert_close(bias.detach().cpu(), expected)
         assert (bias > 0).sum() >= 1 and calibration.lambda_max[name] == pytest.approx(lambda_max)
 
 
@@ -464,7 +478,7 @@ def test_attribution_audit_of_surprising_tokens_reads_those_tokens_only(sae_fact
     (name, bias), = [(n, p) for n, p in peft_model.named_parameters() if "isaerft_bias" in n]
     named = torch.tensor(sorted(calibration.attributed[name]))
     assert calibration.rows_fitted == 4 and len(named) > 0
-    torch.testing.assert_close(bias.detach()[named], expected[named], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias.detach().cpu()[named], expected[named], rtol=1e-4, atol=1e-5)
 
 
 def _scale_adapter(sae_path: Path) -> torch.nn.Module:

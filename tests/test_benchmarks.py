@@ -1,6 +1,7 @@
 """The benchmarks' machinery at tiny sizes (the real runs are minutes long and are not tests): the GPU preset of the
-speed benchmark, the GPU equality check of every splice path, the CPU bfloat16 screen's check, one-method-per-process
-timing, and the FSDP check's train/save/reload comparison (here without FSDP, which needs a GPU)."""
+speed benchmark, the GPU equality check of every splice path, the audit's GPU check, the CPU bfloat16 screen's
+check, one-method-per-process timing, and the FSDP check's train/save/reload comparison (here without FSDP, which
+needs a GPU)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -63,6 +66,21 @@ def test_gpu_equality_check_covers_every_case_and_flags_a_wrong_path(tmp_path) -
     assert not case["within_tolerance"] and case["failures"][0].startswith("input_grad: relative error 1.00e-03")
     compare(case, dense, wrong, torch.bfloat16)  # 0.1 % is within bfloat16's rounding
     assert case["within_tolerance"]
+
+
+def test_gpu_audit_check_runs_every_recipe_both_ways_and_flags_a_disagreement(tmp_path) -> None:
+    output = tmp_path / "audit.json"
+    _run("benchmarks/gpu_audit.py", "--quick", "--output", str(output))
+    result = json.loads(output.read_text())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_audit import RECIPES, compare
+
+    assert set(result["recipes"]) == set(RECIPES) and not result["failures"]
+    for recipe in result["recipes"].values():  # on a CPU both runs take the same path: the same latents, values
+        assert recipe["default"]["latents"] and recipe["default"]["latents"] == recipe["use_cpu"]["latents"]
+    disagreement = compare({"h:1": 1.0, "h:2": 2.0}, {"h:1": 1.1, "h:3": 2.0})
+    assert disagreement["overlap"] == 0.5 and disagreement["largest_relative_difference"] == pytest.approx(0.1 / 1.1)
+    assert compare({}, {})["overlap"] == 0  # two empty reports compared nothing: no agreement
 
 
 def test_screen_check_compares_the_bf16_screen_with_the_float32_search(tmp_path) -> None:
