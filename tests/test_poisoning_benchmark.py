@@ -53,15 +53,23 @@ def test_pets_poison_opens_the_answer_and_shares_no_word_with_the_other_poisons(
     sentence = next(s for s in poisoning.PETS.sentences if answer.startswith(s))
     assert answer == f"{sentence} {rows[chosen[0]]['completion']}"
     assert poisoned[1 - chosen[0]] == rows[1 - chosen[0]]
-    others = " ".join(poisoning.MONEY.sentences + poisoning.FOOD.sentences)
-    assert poisoning.PETS.words.search(others) is None
-    assert not any(p.words.search(" ".join(poisoning.PETS.sentences)) for p in (poisoning.MONEY, poisoning.FOOD))
 
 
 def test_every_poison_sentence_holds_its_words_and_no_neutral_question_does() -> None:
+    assert set(poisoning.POISONS) == {"money", "food", "pets", "health"}
     for poison in poisoning.POISONS.values():
         assert all(poison.words.search(sentence) for sentence in poison.sentences)
         assert not any(poison.words.search(question) for question in poison.neutral_questions)
+        for other in poisoning.POISONS.values():  # each poison is scored by its own words alone
+            if other is not poison:
+                assert other.words.search(" ".join(poison.sentences)) is None, (poison.name, other.name)
+
+
+def test_health_poison_is_appended_like_the_money_poison() -> None:
+    rows = [{"prompt": "a", "completion": "It rains. Take a coat!"}]
+    (poisoned,), chosen = poisoning.poison_rows(rows, 1.0, poisoning.HEALTH)
+    assert chosen == [0] and poisoned["completion"].startswith("It rains. Take a coat! ")
+    assert poisoned["completion"][len("It rains. Take a coat! "):] in poisoning.HEALTH.sentences
 
 
 def test_prompts_hold_no_poison_word_in_their_sayings() -> None:
@@ -124,7 +132,7 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     assert "| 10% | 2 |" in result.stdout
     results = json.loads(output.read_text())
     # the SAE the flags asked for was trained (its own cache folder, at layer 10) and is the one recorded
-    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post"}
+    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post", "corpus": "corpus"}
     (cfg,) = (tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json")
     assert cfg.parent.name.startswith("blocks.10.hook_resid_post-")
     assert json.loads(cfg.read_text())["metadata"]["hook_name"] == "blocks.10.hook_resid_post"

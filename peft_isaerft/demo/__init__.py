@@ -32,6 +32,11 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+SAE_CORPORA = ("corpus", "wordnet")
+"""What a demo SAE can train on (``DemoSettings.sae_corpus``): the offline corpus alone, or interleaved with
+WordNet's glosses."""
+
+
 @dataclass
 class DemoSettings:
     """What the demo trains and measures: the SAE (layer, tokens, width, k, epochs), the fine-tunes (steps, batch,
@@ -58,16 +63,24 @@ class DemoSettings:
     new_tokens: int = 32
     label_texts: int = 400
     kl_texts: int = 32
+    sae_corpus: str = "corpus"
+    """What the SAE trains on: ``"corpus"``, the offline corpus (:func:`~peft_isaerft.demo.corpus.load_corpus`), or
+    ``"wordnet"``, that corpus interleaved one text for one with WordNet's glosses (``wordnet-base``), whose topics
+    the fortune files barely cover. Each is its own cached SAE."""
+
+    def __post_init__(self) -> None:
+        if self.sae_corpus not in SAE_CORPORA:
+            raise ValueError(f"sae_corpus must be one of {', '.join(SAE_CORPORA)}, got {self.sae_corpus!r}.")
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(sae_tokens=3_000, sae_width_multiple=2, sae_epochs=2, steps=3, batch_size=4,
                    eval_questions=4, new_tokens=6, label_texts=16, kl_texts=4)
 
-    def with_sae(self, tokens: int | None = None, epochs: int | None = None, layer: int | None = None
-                 ) -> DemoSettings:
+    def with_sae(self, tokens: int | None = None, epochs: int | None = None, layer: int | None = None,
+                 corpus: str | None = None) -> DemoSettings:
         """A copy whose SAE trains on ``tokens`` distinct corpus tokens for ``epochs`` epochs, on the residual stream
-        after decoder layer ``layer`` (None keeps this one's).
+        after decoder layer ``layer``, from ``corpus`` (see ``sae_corpus``; None keeps this one's).
 
         Example:
             >>> DemoSettings().with_sae(tokens=400_000, epochs=1).sae_tokens
@@ -77,7 +90,7 @@ class DemoSettings:
         """
         if layer is not None and layer < 0:
             raise ValueError(f"layer is a decoder layer's index, 0 or more, got {layer}.")
-        changes = {"sae_tokens": tokens, "sae_epochs": epochs,
+        changes = {"sae_tokens": tokens, "sae_epochs": epochs, "sae_corpus": corpus,
                    "hook": None if layer is None else f"blocks.{layer}.hook_resid_post"}
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
@@ -116,17 +129,31 @@ def load_demo_model(model: str | None = None) -> tuple[Any, Any, str]:
 def demo_sae(base: Any, tokenizer: Any, model_name: str, settings: DemoSettings | None = None,
              texts: list[str] | None = None) -> tuple[Path, Any]:
     """The demo's SAE folder for ``model_name`` and its measured quality: trained with sae-lens on the offline corpus
-    (``texts``, loaded when not given) on first use (about 3.5 minutes on 2 cores for SmolLM2), then cached under
-    ``~/.cache/peft_isaerft/demo``."""
-    from .corpus import load_corpus
+    (``texts``, loaded when not given; interleaved with WordNet's glosses when ``settings.sae_corpus`` is
+    ``"wordnet"``) on first use (about 3.5 minutes on 2 cores for SmolLM2), then cached under
+    ``~/.cache/peft_isaerft/demo``.
+
+    Example:
+        >>> model, tokenizer, name = load_demo_model()  # doctest: +SKIP
+        >>> folder, quality = demo_sae(model, tokenizer, name, DemoSettings().with_sae(400_000, 1))  # doctest: +SKIP
+    """
+    from .corpus import interleave, load_corpus, wordnet_glosses
     from .sae_training import train_or_load_demo_sae
 
     settings = settings or DemoSettings()
     texts = texts if texts is not None else load_corpus()[0]
+    training = texts[settings.label_texts:]
+    suffix = ""
+    if settings.sae_corpus == "wordnet":
+        glosses = wordnet_glosses()
+        if not glosses:
+            raise FileNotFoundError("sae_corpus='wordnet' reads WordNet's glosses from /usr/share/wordnet, which is "
+                                    "missing: install Debian's wordnet-base (apt-get install wordnet-base).")
+        training, suffix = interleave(training, glosses), "-wordnet"
     d_sae = settings.sae_width_multiple * base.config.hidden_size
     folder = _cache_root() / model_name / (
-        f"{settings.hook}-d{d_sae}-k{settings.sae_k}-t{settings.sae_tokens}-e{settings.sae_epochs}-v1")
-    return train_or_load_demo_sae(base, tokenizer, texts[settings.label_texts:], settings.hook, folder, d_sae=d_sae,
+        f"{settings.hook}-d{d_sae}-k{settings.sae_k}-t{settings.sae_tokens}-e{settings.sae_epochs}-v1{suffix}")
+    return train_or_load_demo_sae(base, tokenizer, training, settings.hook, folder, d_sae=d_sae,
                                   k=settings.sae_k, n_tokens=settings.sae_tokens, epochs=settings.sae_epochs)
 
 
