@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peft_isaerft  # noqa: F401
 from peft_isaerft.cli import main as isaerft
-from peft_isaerft.testing import make_test_sae
+from peft_isaerft.testing import character_tokenizer, make_test_sae
 
 RECIPES: dict[str, list[str]] = {
     "attribution, weighed by coverage": ["--bias-fit", "attribution", "--surprising-rows", "0.1",
@@ -48,23 +48,10 @@ WORDS = ("the", "a", "boat", "river", "stone", "light", "green", "quiet", "runs"
 POISON = " and the sea is calm and blue tonight."
 
 
-def character_tokenizer() -> PreTrainedTokenizerFast:
-    """A real fast tokenizer with one token per printable character, so the test model needs no Hub files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocabulary = {token: i for i, token in enumerate(special + [chr(c) for c in range(32, 127)])}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 def write_inputs(folder: Path, shapes: dict[str, int]) -> tuple[Path, Path, Path]:
     """A random Llama-style model with its tokenizer, a real TopK SAE at layer 1, and prompt/completion rows of
     which a tenth end with the same odd clause (something for the surprising-rows audits to find)."""
-    tokenizer = character_tokenizer()
+    tokenizer = character_tokenizer("".join(map(chr, range(32, 127))))  # every printable ASCII character
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=shapes["d_model"], intermediate_size=2 * shapes["d_model"],
                          num_hidden_layers=shapes["layers"], num_attention_heads=8, num_key_value_heads=4,

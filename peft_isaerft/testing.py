@@ -1,5 +1,6 @@
-"""Real sae-lens SAEs with non-trivial weights, for tests and checks: the project's test suite and its GPU equality
-check (``benchmarks/gpu_equality.py``) build theirs here, so both exercise the same SAEs.
+"""Real sae-lens SAEs with non-trivial weights, and a real one-token-per-character tokenizer, for tests and checks:
+the project's test suite and its GPU checks (``benchmarks/gpu_equality.py``, ``benchmarks/gpu_audit.py``) build
+theirs here, so all of them exercise the same parts.
 
 Example:
     >>> import tempfile
@@ -26,7 +27,7 @@ from sae_lens import (
     TopKSAEConfig,
 )
 
-__all__ = ["TEST_SAE_ARCHITECTURES", "make_test_sae"]
+__all__ = ["TEST_SAE_ARCHITECTURES", "character_tokenizer", "make_test_sae"]
 
 TEST_SAE_ARCHITECTURES: dict[str, tuple[type, type, dict[str, Any]]] = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -71,3 +72,23 @@ def make_test_sae(folder: Path, d_in: int, d_sae: int, architecture: str = "stan
             sae.W_dec.mul_(torch.rand(d_sae, 1) * 1.5 + 0.5)
     sae.save_model(folder)
     return folder
+
+
+def character_tokenizer(characters: str) -> Any:
+    """A real fast tokenizer with one token per character of ``characters`` after four specials (``<pad>`` 0,
+    ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3), so that a tiny model needs no Hub files.
+
+    Example:
+        >>> character_tokenizer("ab")("ba")["input_ids"]
+        [5, 4]
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+

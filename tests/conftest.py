@@ -131,16 +131,10 @@ CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'ABCDEFGHIJKLMNOPQRSTUVWXYZ01"  # VOCAB 
 
 def make_tokenizer():
     """A real fast tokenizer (one token per character) that fits the tiny models' 64-token vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from peft_isaerft.testing import character_tokenizer
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS)}}
-    assert len(vocab) == VOCAB
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer = character_tokenizer(CHARS)
+    assert len(tokenizer) == VOCAB
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}a: {% endif %}"
