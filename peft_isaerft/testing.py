@@ -79,8 +79,9 @@ def character_tokenizer(characters: str) -> Any:
     ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3), so that a tiny model needs no Hub files.
 
     Example:
-        >>> character_tokenizer("ab")("ba")["input_ids"]
-        [5, 4]
+        >>> tokenizer = character_tokenizer("ab")
+        >>> tokenizer.convert_ids_to_tokens(tokenizer("ba")["input_ids"]) == ["b", "a"]
+        True
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
