@@ -129,8 +129,10 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
                              "--sae-tokens", "2500", "--sae-epochs", "1", "--sae-layer", "10"],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "| 10% | 2 |" in result.stdout
+    assert "| 10% | 2 |" in result.stdout and "| 10% | 2 | latents on offer" in result.stdout
     results = json.loads(output.read_text())
+    assert results["seed"] == 0 and set(results["on_offer"]) == {"0.1"}
+    assert all(0 <= latent < results["latents"] for latent in results["on_offer"]["0.1"])
     # the SAE the flags asked for was trained (its own cache folder, at layer 10) and is the one recorded
     assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post", "corpus": "corpus"}
     (cfg,) = (tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json")
@@ -191,3 +193,48 @@ def test_sae_flags_refuse_nonpositive_values(flag, capsys) -> None:
     with pytest.raises(SystemExit):
         poisoning.main([flag, "0"])
     assert f"argument {flag}: must be 1 or more, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clean, poisoned, expected", [
+    ([1, 2, 3], [1, 2, 3, 8, 9], [0, 0, 0, 1, 1]),  # appended
+    ([1, 2, 3], [8, 9, 1, 2, 3], [1, 1, 0, 0, 0]),  # put first
+    ([1, 2, 3], [1, 8, 9, 2, 3], [0, 1, 1, 0, 0]),  # slipped inside
+    ([1, 2, 3], [1, 2, 3], [0, 0, 0]),  # nothing slipped in
+    ([1, 2, 2], [1, 2, 2, 2], [0, 0, 0, 1]),  # a repeated token is counted once
+])
+def test_inserted_tokens_marks_what_was_slipped_in(clean: list[int], poisoned: list[int], expected: list[int]) -> None:
+    assert poisoning.inserted_tokens(clean, poisoned) == [bool(flag) for flag in expected]
+
+
+def test_seed_draws_other_rows_the_same_way_each_time() -> None:
+    first, chosen = poisoning.poison_rows(ROWS, 0.1, seed=1)
+    again, chosen_again = poisoning.poison_rows(ROWS, 0.1, seed=1)
+    assert (first, chosen) == (again, chosen_again)
+    assert chosen != poisoning.poison_rows(ROWS, 0.1)[1] and len(chosen) == 10
+
+
+def test_latents_on_offer_are_the_named_latents_that_the_poison_tokens_make_fire(sae_factory) -> None:
+    import torch
+    from conftest import make_model, make_tokenizer
+    from sae_lens import SAE
+
+    from peft_isaerft.demo import _tokenise_pairs
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    sae = SAE.load_from_disk(str(sae_factory(hook="blocks.1.hook_resid_post")))
+    hook = "blocks.1.hook_resid_post"
+    rows = [{"prompt": f"q{i}", "completion": "abc" * (i % 3 + 1)} for i in range(8)]
+    poison = poisoning.Poison("letters", poisoning.re.compile("x"), ("xyzzy",), "end", ())
+    poisoned, chosen = poisoning.poison_rows(rows, 0.5, poison)
+    clean = poisoning.answer_latent_means(model, tokenizer, sae, hook, rows)
+    everyone = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
+    offer = poisoning.latents_on_offer(model, tokenizer, sae, hook, rows, poisoned, chosen, clean, everyone)
+    assert offer  # a random tiny SAE has latents that fire on the appended letters
+    assert poisoning.latents_on_offer(model, tokenizer, sae, hook, rows, poisoned, chosen, clean, ~everyone) == []
+    # the offer reads the slipped-in " xyzzy" only (six characters before the shared end-of-turn), not the answer
+    pairs = _tokenise_pairs(tokenizer, [poisoned[i] for i in chosen])
+    tail = [[len(row["input_ids"]) - 7 <= i < len(row["input_ids"]) - 1 for i in range(len(row["input_ids"]))]
+            for row in pairs]
+    (reading,) = poisoning.latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [tail])
+    expected = ((reading.coverage >= poisoning.ON_OFFER_COVERAGE) & (reading.coverage >= 2 * clean.coverage))
+    assert offer == expected.nonzero().flatten().tolist()
