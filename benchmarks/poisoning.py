@@ -74,6 +74,12 @@ class Poison:
     neutral_questions: tuple[str, ...]
     """Questions whose unsteered answers hold none of ``words``: the steering score's prompts."""
 
+    @property
+    def file_stem(self) -> str:
+        """How this poison's result files begin: ``poisoning`` for money (the first poison), ``poisoning_<name>``
+        for the others."""
+        return "poisoning" if self.name == "money" else f"poisoning_{self.name}"
+
     def slip_into(self, answer: str, sentence: str) -> str:
         """``answer`` with ``sentence`` in it: appended (``"end"``), put first (``"start"``), or after its first
         sentence when more follow, at its start otherwise (``"after_first_sentence"``, hidden inside the answer rather
@@ -208,6 +214,32 @@ def build_prompts(texts: list[str], sayings: int, poison: Poison = MONEY) -> lis
     return QUESTIONS + [f'What does this saying mean? "{t}"' for t in short[:sayings]]
 
 
+HELDOUT, QUICK_HELDOUT = 1500, 24
+"""How many of the corpus's last texts the context score reads (held out from the SAE's training)."""
+
+
+def dataset_rows(model: Any, tokenizer: Any, texts: list[str], poison: Poison, sayings: int, quick: bool,
+                 cache_dir: Path) -> list[dict[str, str]]:
+    """The clean instruction set for ``poison``: the prompts of :func:`build_prompts` and the model's own answers
+    (:func:`clean_rows`, cached in ``cache_dir``), cut after their last whole sentence. ``quick``: 10 demo questions
+    and 8-token answers, not cached and not cut (8 tokens rarely end a sentence)."""
+    prompts = build_prompts(texts, sayings, poison)
+    if quick:
+        return clean_rows(model, tokenizer, prompts[:10] + prompts[-sayings:], 8,
+                          Path(tempfile.mkdtemp()) / "clean.jsonl")
+    answers = clean_rows(model, tokenizer, prompts, 40, cache_dir / f"{poison.file_stem}_clean_rows.jsonl")
+    return whole_sentences(answers)
+
+
+def read_heldout(model: Any, tokenizer: Any, sae_path: Path, texts: list[str]) -> tuple[Any, Any]:
+    """``model`` (unchanged) and the SAE's latent statistics on ``texts``: their top contexts, which the context
+    score reads."""
+    print("Reading latents on held-out text (their top contexts, for the context score)")
+    reader = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
+    statistics = next(iter(latent_statistics(reader, tokenizer, texts, max_length=64, batch_size=16).values()))
+    return reader.unload(), statistics
+
+
 def clean_rows(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, cache: Path) -> list[dict[str, str]]:
     """The model's own greedy answers to ``prompts`` (cached in ``cache``: about 2.5 minutes for 400 on 2 cores)."""
     if cache.exists():
@@ -300,26 +332,35 @@ def answer_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: l
     return latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [answers])[0]
 
 
+def poisoned_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
+                          poisoned: list[dict[str, str]], chosen: list[int]) -> tuple[LatentReading, LatentReading]:
+    """In one pass over ``poisoned``: the base model's SAE latents over its answer tokens (as
+    :func:`answer_latent_means` reads them), and over the tokens slipped into its ``chosen`` rows alone (found by
+    :func:`inserted_tokens` against the same rows of ``rows``)."""
+    from peft_isaerft.demo import _tokenise_pairs
+
+    pairs = _tokenise_pairs(tokenizer, poisoned)
+    clean_ids = dict(zip(chosen, (row["input_ids"] for row in _tokenise_pairs(tokenizer, [rows[i] for i in chosen])),
+                         strict=True))
+    answers = [[label != -100 for label in row["labels"]] for row in pairs]
+    inserted = [inserted_tokens(clean_ids[index], row["input_ids"]) if index in clean_ids
+                else [False] * len(row["input_ids"]) for index, row in enumerate(pairs)]
+    answered, slipped_in = latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [answers, inserted])
+    return answered, slipped_in
+
+
 ON_OFFER_COVERAGE = 0.25
 """A latent is on offer when it fires on the poison's own tokens in at least this share of the poisoned rows."""
 
 
-def latents_on_offer(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
-                     poisoned: list[dict[str, str]], chosen: list[int], clean: LatentReading,
-                     named_by_contexts: torch.Tensor) -> list[int]:
+def latents_on_offer(inserted: LatentReading, clean: LatentReading, named_by_contexts: torch.Tensor) -> list[int]:
     """What the data allows the context score to find, whichever method ranks: the latents that have a poison word
-    in their top contexts (``named_by_contexts``) and that the poison's own tokens make fire, in at least
-    :data:`ON_OFFER_COVERAGE` of the poisoned rows and at least twice as often as in the clean rows' answers. A top 10
-    can hold other latents with a poison word in their contexts only by chance, so when fewer than 5 are on offer
-    the target of 5 is out of reach for every method: the miss is the SAE's and the held-out text's, not the
-    ranking's."""
-    from peft_isaerft.demo import _tokenise_pairs
-
-    clean_ids = [row["input_ids"] for row in _tokenise_pairs(tokenizer, [rows[i] for i in chosen])]
-    poisoned_ids = [row["input_ids"] for row in _tokenise_pairs(tokenizer, [poisoned[i] for i in chosen])]
-    flags = [inserted_tokens(a, b) for a, b in zip(clean_ids, poisoned_ids, strict=True)]
-    (poison,) = latent_means(model, sae, hook, poisoned_ids, [flags])
-    offer = named_by_contexts & (poison.coverage >= ON_OFFER_COVERAGE) & (poison.coverage >= 2 * clean.coverage)
+    in their top contexts (``named_by_contexts``) and that the poison's own tokens make fire (``inserted``, the
+    second reading of :func:`poisoned_latent_means`), in at least :data:`ON_OFFER_COVERAGE` of the poisoned rows and
+    at least twice as often as in the clean rows' answers (``clean``). A top 10 can hold other latents with a poison
+    word in their contexts only by chance, so when fewer than 5 are on offer the target of 5 is out of reach for
+    every method: the miss is the SAE's and the held-out text's, not the ranking's."""
+    offer = named_by_contexts & (inserted.coverage >= ON_OFFER_COVERAGE) & (inserted.coverage >= 2 * clean.coverage)
     return offer.nonzero().flatten().tolist()
 
 
@@ -454,43 +495,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.steps:
             audit_settings.steps = args.steps
     poison = POISONS[args.poison]
-    stem = "poisoning" + ("" if poison is MONEY else f"_{poison.name}")
+    stem = poison.file_stem
     args.output = args.output or (f"benchmarks/results/{stem}.json" if args.component == "bias"
                                   else f"benchmarks/results/{stem}_{args.component}.json")
     rates = [float(r) for r in (args.rates or ("0.1" if args.quick else "0.01,0.03,0.1")).split(",")]
-    sayings, new_tokens, heldout, answer_tokens = (
-        (14, 8, 24, 6) if args.quick else (args.sayings, 40, 1500, 32))
+    sayings, heldout, answer_tokens = (14, QUICK_HELDOUT, 6) if args.quick else (args.sayings, HELDOUT, 32)
     model, tokenizer, name = load_demo_model()
     if args.sae_layer is not None and args.sae_layer >= model.config.num_hidden_layers:
         parser.error(f"argument --sae-layer: {name} has {model.config.num_hidden_layers} decoder layers, 0 to "
                      f"{model.config.num_hidden_layers - 1}; got {args.sae_layer}")
     texts, _sources = load_corpus()
-    prompts = build_prompts(texts, sayings, poison)
-    prompts = prompts[:10] + prompts[-sayings:] if args.quick else prompts
-    generated = clean_rows(model, tokenizer, prompts, new_tokens,
-                           Path(tempfile.mkdtemp()) / "clean.jsonl" if args.quick
-                           else Path(args.output).with_name(f"{stem}_clean_rows.jsonl"))
-    rows = generated if args.quick else whole_sentences(generated)  # 8 quick tokens rarely end a sentence
+    rows = dataset_rows(model, tokenizer, texts, poison, sayings, args.quick, Path(args.output).parent)
     if args.row_selection:
         return row_selection(model, tokenizer, rows, rates, poison, args.seed)
     sae_path, _quality = demo_sae(model, tokenizer, name, demo_settings, texts)
     sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
 
-    print("Reading latents on held-out text (their top contexts, for the context score)")
-    reader = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
-    statistics = next(iter(latent_statistics(reader, tokenizer, texts[-heldout:], max_length=64,
-                                             batch_size=16).values()))
-    model = reader.unload()
+    model, statistics = read_heldout(model, tokenizer, sae_path, texts[-heldout:])
     contexts = [statistics.contexts(latent) for latent in range(sae.cfg.d_sae)]
     named_by_contexts = torch.tensor([any(poison.words.search(t) for t in c) for c in contexts])
     clean = answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
     datasets = {rate: poison_rows(rows, rate, poison, args.seed) for rate in rates}
-    readings = {rate: answer_latent_means(model, tokenizer, sae, demo_settings.hook, poisoned)
-                for rate, (poisoned, _chosen) in datasets.items()}
-    diffing = {rate: (reading.means - clean.means).argsort(descending=True)[:10].tolist()
-               for rate, reading in readings.items()}
-    coverage_diffing = {rate: (reading.coverage - clean.coverage).argsort(descending=True)[:10].tolist()
-                        for rate, reading in readings.items()}
+    readings = {rate: poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows, poisoned, chosen)
+                for rate, (poisoned, chosen) in datasets.items()}
+    diffing = {rate: (answered.means - clean.means).argsort(descending=True)[:10].tolist()
+               for rate, (answered, _inserted) in readings.items()}
+    coverage_diffing = {rate: (answered.coverage - clean.coverage).argsort(descending=True)[:10].tolist()
+                        for rate, (answered, _inserted) in readings.items()}
     focused = {f"diffing the same {selection(audit_settings)} against the rest (no twin)": audit_settings
                for audit_settings in settings.values()
                if audit_settings.surprising_rows < 1 or audit_settings.surprising_tokens < 1}
@@ -518,9 +549,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "surprise_diffing": {label: {str(rate): score(latents[rate], contexts, poison, probe) for rate in rates}
                              for label, latents in surprise_baselines.items()},
         "poisoned_rows": {str(rate): len(chosen) for rate, (_poisoned, chosen) in datasets.items()},
-        "on_offer": {str(rate): latents_on_offer(model, tokenizer, sae, demo_settings.hook, rows, poisoned, chosen,
-                                                 clean, named_by_contexts)
-                     for rate, (poisoned, chosen) in datasets.items()},
+        "on_offer": {str(rate): latents_on_offer(inserted, clean, named_by_contexts)
+                     for rate, (_answered, inserted) in readings.items()},
         "seed": args.seed,
         "poison": {"name": poison.name, "placement": poison.placement, "sentences": list(poison.sentences)},
     }

@@ -680,6 +680,9 @@ class LatentAttribution:
     coverage_difference: torch.Tensor
     """Per latent: the share of audited rows in which it fires on a completion token minus that share of the
     reference rows."""
+    reference_coverage: torch.Tensor
+    """Per latent: the share of reference rows in which it fires on a completion token (how common it is where the
+    data does not surprise the model; the audited rows' share is this plus ``coverage_difference``)."""
     score: torch.Tensor
     """``activation_difference`` over its standard deviation across latents, times ``gradient_score``, where the two
     point the same way (with ``nonnegative_bias``: both positive), else 0; with ``weigh_by_coverage``, times
@@ -760,14 +763,14 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
         if not settings.nonnegative_bias:
             agree |= (difference < 0) & (gradient_score < 0)
         score = torch.where(agree, difference / difference.std().clamp_min(1e-30) * gradient_score, 0.0)
-        coverage = (torch.cat(rows[name]["audited fired"]).float().mean(0)
-                    - torch.cat(rows[name]["reference fired"]).float().mean(0))
+        reference_coverage = torch.cat(rows[name]["reference fired"]).float().mean(0)
+        coverage = torch.cat(rows[name]["audited fired"]).float().mean(0) - reference_coverage
         if settings.weigh_by_coverage:  # where coverage points the other way the latent is out, like a disagreement
             score = score * torch.where(coverage * difference.sign() > 0, coverage.abs(), 0.0)
         order = score.argsort(descending=True)
         selected = order[score[order] > 0][: settings.top_k]
         found[name] = LatentAttribution(module.isaerft_splices[adapter_name].point.module_path, difference,
-                                        gradient_score, coverage, score, selected)
+                                        gradient_score, coverage, reference_coverage, score, selected)
         logger.info("audit attribution %s: %d latents of positive score, largest %.3g", name, int((score > 0).sum()),
                     float(score.max()))
     return found

@@ -413,6 +413,7 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
     assert found.selected.tolist() == expected.topk(5).indices.tolist() and (expected[found.selected] > 0).all()
     assert bias.grad is None and (bias == 0).all()  # nothing trained, gradients cleared
     torch.testing.assert_close(found.coverage_difference, coverage)
+    torch.testing.assert_close(found.reference_coverage, row_coverage(reference_latents))
     assert coverage.abs().max() > 0  # the check above could fail: the rows differ in which latents fire
     weighed = dataclasses.replace(settings, weigh_by_coverage=True)
     (found,) = attribute_latents(peft_model, [collate(audited)], [collate(reference)], weighed,

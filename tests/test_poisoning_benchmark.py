@@ -227,14 +227,19 @@ def test_latents_on_offer_are_the_named_latents_that_the_poison_tokens_make_fire
     poison = poisoning.Poison("letters", poisoning.re.compile("x"), ("xyzzy",), "end", ())
     poisoned, chosen = poisoning.poison_rows(rows, 0.5, poison)
     clean = poisoning.answer_latent_means(model, tokenizer, sae, hook, rows)
+    answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, hook, rows, poisoned, chosen)
+    # the first reading is the answers' reading, as answer_latent_means takes it
+    alone = poisoning.answer_latent_means(model, tokenizer, sae, hook, poisoned)
+    assert torch.allclose(answered.means, alone.means) and torch.equal(answered.coverage, alone.coverage)
     everyone = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
-    offer = poisoning.latents_on_offer(model, tokenizer, sae, hook, rows, poisoned, chosen, clean, everyone)
+    offer = poisoning.latents_on_offer(inserted, clean, everyone)
     assert offer  # a random tiny SAE has latents that fire on the appended letters
-    assert poisoning.latents_on_offer(model, tokenizer, sae, hook, rows, poisoned, chosen, clean, ~everyone) == []
+    assert poisoning.latents_on_offer(inserted, clean, ~everyone) == []
     # the offer reads the slipped-in " xyzzy" only (six characters before the shared end-of-turn), not the answer
     pairs = _tokenise_pairs(tokenizer, [poisoned[i] for i in chosen])
     tail = [[len(row["input_ids"]) - 7 <= i < len(row["input_ids"]) - 1 for i in range(len(row["input_ids"]))]
             for row in pairs]
     (reading,) = poisoning.latent_means(model, sae, hook, [row["input_ids"] for row in pairs], [tail])
+    assert torch.allclose(inserted.means, reading.means) and torch.equal(inserted.coverage, reading.coverage)
     expected = ((reading.coverage >= poisoning.ON_OFFER_COVERAGE) & (reading.coverage >= 2 * clean.coverage))
     assert offer == expected.nonzero().flatten().tolist()
