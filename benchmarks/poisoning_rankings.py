@@ -67,10 +67,9 @@ class Weighing:
 
     def rank(self, attribution: LatentAttribution, top_k: int = 10) -> list[int]:
         """The ``top_k`` latents of highest weighed score (positive scores only), from an unweighed attribution."""
-        audited = attribution.reference_coverage + attribution.coverage_difference
         rises = attribution.activation_difference > 0
-        toward = torch.where(rises, audited, attribution.reference_coverage)
-        away = torch.where(rises, attribution.reference_coverage, audited)
+        toward = torch.where(rises, attribution.audited_coverage, attribution.reference_coverage)
+        away = torch.where(rises, attribution.reference_coverage, attribution.audited_coverage)
         score = attribution.score * self.weight(toward, away)
         order = score.argsort(descending=True)
         return order[score[order] > 0][:top_k].tolist()
@@ -163,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 latents = weighing.rank(attribution)
                 named = sum(any(poison.words.search(text) for text in contexts[latent]) for latent in latents)
                 found[weighing.name][draw] = {"latents": latents, "contexts": named}
-            audited = attribution.reference_coverage + attribution.coverage_difference
-            fires_in[draw] = {str(latent): [round(float(audited[latent]), 3),
+            fires_in[draw] = {str(latent): [round(float(attribution.audited_coverage[latent]), 3),
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
         results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in}

@@ -682,13 +682,18 @@ class LatentAttribution:
     reference rows."""
     reference_coverage: torch.Tensor
     """Per latent: the share of reference rows in which it fires on a completion token (how common it is where the
-    data does not surprise the model; the audited rows' share is this plus ``coverage_difference``)."""
+    data does not surprise the model; the audited rows' share is ``audited_coverage``)."""
     score: torch.Tensor
     """``activation_difference`` over its standard deviation across latents, times ``gradient_score``, where the two
     point the same way (with ``nonnegative_bias``: both positive), else 0; with ``weigh_by_coverage``, times
     ``coverage_difference`` too, where that points the same way, else 0."""
     selected: torch.Tensor
     """Up to ``top_k`` latents of positive score, highest first."""
+
+    @property
+    def audited_coverage(self) -> torch.Tensor:
+        """Per latent: the share of audited rows in which it fires on a completion token."""
+        return self.reference_coverage + self.coverage_difference
 
 
 def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]],

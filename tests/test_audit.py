@@ -414,6 +414,7 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
     assert bias.grad is None and (bias == 0).all()  # nothing trained, gradients cleared
     torch.testing.assert_close(found.coverage_difference, coverage)
     torch.testing.assert_close(found.reference_coverage, row_coverage(reference_latents))
+    torch.testing.assert_close(found.audited_coverage, row_coverage(audited_latents))
     assert coverage.abs().max() > 0  # the check above could fail: the rows differ in which latents fire
     weighed = dataclasses.replace(settings, weigh_by_coverage=True)
     (found,) = attribute_latents(peft_model, [collate(audited)], [collate(reference)], weighed,
