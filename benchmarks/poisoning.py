@@ -442,6 +442,48 @@ def whole_sentences(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return kept
 
 
+def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the SAE a poisoning benchmark trains once (or loads from the demo's cache), read back by
+    :func:`sae_settings`."""
+    parser.add_argument("--sae-tokens", type=positive_int, default=None,
+                        help="train (or load) the demo's SAE on this many distinct tokens instead of the demo's 80k "
+                        "(with --sae-epochs; 400000 and 1 epoch: an SAE on 5x more distinct text)")
+    parser.add_argument("--sae-epochs", type=positive_int, default=None,
+                        help="the SAE's epochs over its tokens (default: the demo's 6)")
+    parser.add_argument("--sae-layer", type=int, default=None,
+                        help="train (or load) the SAE on the residual stream after this decoder layer instead of the "
+                        "demo's 15 (SmolLM2 has 30: 0 to 29)")
+    parser.add_argument("--sae-corpus", choices=["corpus", "wordnet"], default=None,
+                        help="what the SAE trains on: the demo's corpus (default), or that corpus interleaved with "
+                        "WordNet's glosses (Debian's wordnet-base), which cover the poisons' topics more evenly")
+    parser.add_argument("--sae-width", type=positive_int, default=None,
+                        help="the SAE's latents per dimension of the model (default: the demo's 8, 4608 latents on "
+                        "SmolLM2; 16 gives 9216)")
+
+
+def sae_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings (quick ones with ``--quick``) with the SAE that the flags of :func:`add_sae_arguments`
+    ask for."""
+    try:
+        return (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(
+            args.sae_tokens, args.sae_epochs, args.sae_layer, args.sae_corpus, args.sae_width)
+    except ValueError as error:  # with_sae owns the check (the other flags' types refuse the rest)
+        parser.error(f"argument --sae-layer: {error}")
+
+
+def check_sae_layer(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any, name: str) -> None:
+    """Refuses a ``--sae-layer`` past the loaded model's last decoder layer, naming the ones it has."""
+    if args.sae_layer is not None and args.sae_layer >= model.config.num_hidden_layers:
+        parser.error(f"argument --sae-layer: {name} has {model.config.num_hidden_layers} decoder layers, 0 to "
+                     f"{model.config.num_hidden_layers - 1}; got {args.sae_layer}")
+
+
+def sae_record(settings: DemoSettings) -> dict[str, Any]:
+    """What a result file records of the SAE it was measured with."""
+    return {"tokens": settings.sae_tokens, "epochs": settings.sae_epochs, "hook": settings.hook,
+            "corpus": settings.sae_corpus, "width_multiple": settings.sae_width_multiple}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy size: a small SAE, 24 rows, 3 audit steps")
@@ -458,17 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the audit's component (scale: the score-test audit of token-dependent scales)")
     parser.add_argument("--audits", default="defaults,surprising-rows",
                         help=f"audits to run, comma-separated, from {', '.join(AUDITS)}")
-    parser.add_argument("--sae-tokens", type=positive_int, default=None,
-                        help="train (or load) the demo's SAE on this many distinct tokens instead of the demo's 80k "
-                        "(with --sae-epochs; 400000 and 1 epoch: an SAE on 5x more distinct text)")
-    parser.add_argument("--sae-epochs", type=positive_int, default=None,
-                        help="the SAE's epochs over its tokens (default: the demo's 6)")
-    parser.add_argument("--sae-layer", type=int, default=None,
-                        help="train (or load) the SAE on the residual stream after this decoder layer instead of the "
-                        "demo's 15 (SmolLM2 has 30: 0 to 29)")
-    parser.add_argument("--sae-corpus", choices=["corpus", "wordnet"], default=None,
-                        help="what the SAE trains on: the demo's corpus (default), or that corpus interleaved with "
-                        "WordNet's glosses (Debian's wordnet-base), which cover the poisons' topics more evenly")
+    add_sae_arguments(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="which rows are poisoned and with which sentences (default 0, the recorded runs' draw)")
     parser.add_argument("--row-selection", action="store_true",
@@ -477,11 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     args = parser.parse_args(argv)
     started = time.time()
-    try:
-        demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(
-            args.sae_tokens, args.sae_epochs, args.sae_layer, args.sae_corpus)
-    except ValueError as error:  # with_sae owns the check; the parser only words it as a flag's error
-        parser.error(f"argument --sae-layer: {error}")
+    demo_settings = sae_settings(parser, args)
     unknown = set(args.audits.split(",")) - set(AUDITS)
     if unknown:
         parser.error(f"unknown audits {sorted(unknown)}; choose from {', '.join(AUDITS)}")
@@ -501,9 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = [float(r) for r in (args.rates or ("0.1" if args.quick else "0.01,0.03,0.1")).split(",")]
     sayings, heldout, answer_tokens = (14, QUICK_HELDOUT, 6) if args.quick else (args.sayings, HELDOUT, 32)
     model, tokenizer, name = load_demo_model()
-    if args.sae_layer is not None and args.sae_layer >= model.config.num_hidden_layers:
-        parser.error(f"argument --sae-layer: {name} has {model.config.num_hidden_layers} decoder layers, 0 to "
-                     f"{model.config.num_hidden_layers - 1}; got {args.sae_layer}")
+    check_sae_layer(parser, args, model, name)
     texts, _sources = load_corpus()
     rows = dataset_rows(model, tokenizer, texts, poison, sayings, args.quick, Path(args.output).parent)
     if args.row_selection:
@@ -557,8 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.update({
         "rows": len(rows), "latents": sae.cfg.d_sae,
         "latents_with_poison_words_in_contexts": int(named_by_contexts.sum()),
-        "sae": {"tokens": demo_settings.sae_tokens, "epochs": demo_settings.sae_epochs, "hook": demo_settings.hook,
-                "corpus": demo_settings.sae_corpus},
+        "sae": sae_record(demo_settings),
         "unsteered_answers": probe.unsteered, "settings": {k: asdict(v) for k, v in settings.items()},
         "seconds": time.time() - started, "steered_answers": {str(k): v for k, v in probe.cache.items()},
         "contexts_of_named": {str(k): contexts[k] for k in sorted(probe.cache)},

@@ -2,6 +2,8 @@
 
     python benchmarks/poisoning_rankings.py --sae-tokens 400000 --sae-epochs 1  # 4 poisons x (the clean set and 3
                                                 # draws) at 10 %: about 40 minutes on 2 CPU cores
+    python benchmarks/poisoning_rankings.py --sae-tokens 400000 --sae-epochs 1 --sae-width 16  # an SAE twice
+                                                # as wide (9216 latents)
     python benchmarks/poisoning_rankings.py --quick   # the same machinery at toy size (the test suite runs it)
 
 ``poisoning.py`` measures one audit recipe per run (13 minutes each, steering included). The recipe's coverage weighing
@@ -14,6 +16,12 @@ most surprising rows against the rest) is computed once, then ranked by every we
 ``poisoning.py``'s context score: a poison word in the latent's top three contexts on held-out text. The clean set's
 audit is the false-alarm check (its count should stay at most 1). Beside the rankings, ``fires_in`` records for each
 latent they name the share of the surprising rows it fires in and that share of the other rows.
+
+Beside them, in the same run and with the same score: dataset diffing with the clean twin (``poisoning.py``'s
+baseline: the base model's mean latent activation over the poisoned set's answers minus the clean set's), and each
+draw's latents on offer (``poisoning.latents_on_offer``: what the SAE and the held-out text allow any ranking to
+find). The SAE flags are ``poisoning.py``'s, so the same comparison runs on another SAE (``--sae-width``,
+``--sae-corpus``, ``--sae-layer``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import poisoning
 
@@ -45,8 +52,9 @@ from peft_isaerft.audit import (
     split_surprising,
     tokenise_rows,
 )
-from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
+from peft_isaerft.demo import demo_sae, load_demo_model
 from peft_isaerft.demo.corpus import load_corpus
+from peft_isaerft.saes import SAEReference, load_sae
 
 RECIPE = AuditSettings(component="bias", top_k=10, surprising_rows=0.1, surprising_tokens=0.2, bias_fit="attribution")
 """The attribution audit of ``poisoning.py``'s ``coverage-tokens`` recipe, without its weighing (the weighings here
@@ -124,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help=f"comma-separated, from {', '.join(poisoning.POISONS)} (default all; quick: money)")
     parser.add_argument("--seeds", default=None, help="draws of the poisoned rows, comma-separated (default 0,1,2)")
     parser.add_argument("--rate", type=float, default=0.1, help="the share of rows poisoned (default 0.1)")
-    parser.add_argument("--sae-tokens", type=int, default=None, help="as poisoning.py's (the recorded run: 400000)")
-    parser.add_argument("--sae-epochs", type=int, default=None, help="as poisoning.py's (the recorded run: 1)")
+    poisoning.add_sae_arguments(parser)
     parser.add_argument("--output", default="benchmarks/results/poisoning_rankings.json", help="JSON file")
     args = parser.parse_args(argv)
     started = time.time()
@@ -136,23 +143,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not 0 < args.rate <= 1:
         parser.error(f"argument --rate: a share of the rows, above 0 and at most 1; got {args.rate}")
     seeds = [int(seed) for seed in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    demo_settings = (DemoSettings.quick() if args.quick else DemoSettings()).with_sae(args.sae_tokens, args.sae_epochs)
+    demo_settings = poisoning.sae_settings(parser, args)
     model, tokenizer, name = load_demo_model()
+    poisoning.check_sae_layer(parser, args, model, name)
     texts, _sources = load_corpus()
     sae_path, _quality = demo_sae(model, tokenizer, name, demo_settings, texts)
+    sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
     heldout = poisoning.QUICK_HELDOUT if args.quick else poisoning.HELDOUT
     model, statistics = poisoning.read_heldout(model, tokenizer, sae_path, texts[-heldout:])
     contexts = [statistics.contexts(latent) for latent in range(len(statistics.top_values))]
     results: dict[str, Any] = {"rate": args.rate, "seeds": seeds, "poisons": {},
-                               "sae": {"tokens": demo_settings.sae_tokens, "epochs": demo_settings.sae_epochs,
-                                       "hook": demo_settings.hook},
+                               "sae": poisoning.sae_record(demo_settings), "latents": sae.cfg.d_sae,
                                "weighings": {w.name: w.description for w in WEIGHINGS.values()}}
     for poison_name in poisons:
         poison = poisoning.POISONS[poison_name]
         rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if args.quick else 330, args.quick,
                                       Path(args.output).parent)
-        draws = {"clean": rows} | {str(seed): poisoning.poison_rows(rows, args.rate, poison, seed)[0]
-                                   for seed in seeds}
+        named_by_contexts = torch.tensor([any(poison.words.search(text) for text in c) for c in contexts])
+        clean = poisoning.answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
+        poisoned_draws = {str(seed): poisoning.poison_rows(rows, args.rate, poison, seed) for seed in seeds}
+        diffing: dict[str, dict[str, Any]] = {}
+        on_offer: dict[str, list[int]] = {}
+        for draw, (poisoned, chosen) in poisoned_draws.items():
+            answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows,
+                                                                 poisoned, chosen)
+            latents = (answered.means - clean.means).argsort(descending=True)[:10].tolist()
+            diffing[draw] = {"latents": latents, "contexts": int(named_by_contexts[latents].sum())}
+            on_offer[draw] = poisoning.latents_on_offer(inserted, clean, named_by_contexts)
+        draws = {"clean": rows} | {draw: poisoned for draw, (poisoned, _chosen) in poisoned_draws.items()}
         found: dict[str, dict[str, Any]] = {weighing: {} for weighing in WEIGHINGS}
         fires_in: dict[str, dict[str, list[float]]] = {}
         for draw, draw_rows in draws.items():
@@ -165,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fires_in[draw] = {str(latent): [round(float(attribution.audited_coverage[latent]), 3),
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
-        results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in}
+        results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, "dataset_diffing": diffing,
+                                           "on_offer": on_offer}
     results["seconds"] = time.time() - started
     print_table(results)
     output = Path(args.output)
@@ -177,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     """Per weighing and poison: the clean audit's count, then each draw's, of top-10 latents that name the poison by
-    their contexts."""
+    their contexts; the same counts for dataset diffing (which has no clean audit), and each draw's latents on
+    offer."""
     poisons = list(results["poisons"])
     print(f"\nTop-10 latents whose contexts name the poison, at {results['rate']:.0%} poison: the clean audit, then "
           f"the draws {', '.join(map(str, results['seeds']))}")
@@ -191,6 +211,14 @@ def print_table(results: dict[str, Any]) -> None:
             total += sum(entry[str(seed)]["contexts"] for seed in results["seeds"])
             cells.append(f"clean {entry['clean']['contexts']}; {', '.join(draws)}")
         print(f"| {weighing} | " + " | ".join(cells) + f" | {total} |")
+    diffing = [[results["poisons"][poison]["dataset_diffing"][str(seed)]["contexts"] for seed in results["seeds"]]
+               for poison in poisons]
+    print("| dataset diffing (clean twin) | " + " | ".join(f"clean -; {', '.join(map(str, counts))}"
+                                                         for counts in diffing)
+          + f" | {sum(map(sum, diffing))} |")
+    offer = [[len(results["poisons"][poison]["on_offer"][str(seed)]) for seed in results["seeds"]]
+             for poison in poisons]
+    print("| latents on offer | " + " | ".join(", ".join(map(str, counts)) for counts in offer) + " | |")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,12 @@ def test_with_sae_changes_only_the_sae_size_it_is_given_on_a_copy() -> None:
     assert (larger.sae_tokens, larger.sae_epochs) == (4_000, quick.sae_epochs)
     assert larger.sae_width_multiple == quick.sae_width_multiple and quick.sae_tokens == 3_000
     assert quick.with_sae() == quick and quick.with_sae(epochs=1).sae_epochs == 1
+    wider = quick.with_sae(width_multiple=16)
+    assert (wider.sae_width_multiple, wider.sae_tokens, quick.sae_width_multiple) == (16, 3_000, 2)
+
+
+def test_with_sae_refuses_a_width_below_one() -> None:
+    from peft_isaerft.demo import DemoSettings
+
+    with pytest.raises(ValueError, match="width_multiple is the SAE's latents per model dimension, 1 or more, got 0"):
+        DemoSettings().with_sae(width_multiple=0)

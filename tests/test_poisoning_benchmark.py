@@ -188,7 +188,7 @@ def test_sae_layer_outside_the_model_is_refused(layer: str, message: str, capsys
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--sae-tokens", "--sae-epochs"])
+@pytest.mark.parametrize("flag", ["--sae-tokens", "--sae-epochs", "--sae-width"])
 def test_sae_flags_refuse_nonpositive_values(flag, capsys) -> None:
     with pytest.raises(SystemExit):
         poisoning.main([flag, "0"])

@@ -82,6 +82,13 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
             for latent in entry["latents"]:  # every named latent's shares are recorded, and it fires where it rose
                 audited, reference = money["fires_in"][draw][str(latent)]
                 assert 0 <= reference <= 1 and 0 < audited <= 1
+    assert "| dataset diffing (clean twin) | clean -; " in result.stdout and "| latents on offer | " in result.stdout
+    assert results["sae"]["width_multiple"] == 2 and results["latents"] == 2 * 576  # the quick SAE's
+    for draw in ("0", "1"):  # the baseline and the offer, per draw, beside the weighings
+        diffing = money["dataset_diffing"][draw]
+        assert len(diffing["latents"]) == 10 and 0 <= diffing["contexts"] <= 10
+        assert all(0 <= latent < results["latents"] for latent in money["on_offer"][draw])
+    assert "clean" not in money["dataset_diffing"]  # the clean set has no twin to diff against
     # the draws differ, so the rankings they give differ somewhere
     assert any(entry["0"]["latents"] != entry["1"]["latents"] for entry in money["weighings"].values())
 
@@ -93,3 +100,6 @@ def test_bad_arguments_are_refused_with_the_choices(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         poisoning_rankings.main(["--rate", "1.5"])
     assert "above 0 and at most 1; got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--sae-width", "0"])
+    assert "argument --sae-width: must be 1 or more, got 0" in capsys.readouterr().err

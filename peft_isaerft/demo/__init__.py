@@ -78,19 +78,26 @@ class DemoSettings:
                    eval_questions=4, new_tokens=6, label_texts=16, kl_texts=4)
 
     def with_sae(self, tokens: int | None = None, epochs: int | None = None, layer: int | None = None,
-                 corpus: str | None = None) -> DemoSettings:
+                 corpus: str | None = None, width_multiple: int | None = None) -> DemoSettings:
         """A copy whose SAE trains on ``tokens`` distinct corpus tokens for ``epochs`` epochs, on the residual stream
-        after decoder layer ``layer``, from ``corpus`` (see ``sae_corpus``; None keeps this one's).
+        after decoder layer ``layer``, from ``corpus`` (see ``sae_corpus``), with ``width_multiple`` times the model's
+        width in latents (None keeps this one's).
 
         Example:
             >>> DemoSettings().with_sae(tokens=400_000, epochs=1).sae_tokens
             400000
             >>> DemoSettings().with_sae(layer=22).hook
             'blocks.22.hook_resid_post'
+            >>> DemoSettings().with_sae(width_multiple=16).sae_width_multiple
+            16
         """
         if layer is not None and layer < 0:
             raise ValueError(f"layer is a decoder layer's index, 0 or more, got {layer}.")
+        if width_multiple is not None and width_multiple < 1:
+            raise ValueError(f"width_multiple is the SAE's latents per model dimension, 1 or more, "
+                             f"got {width_multiple}.")
         changes = {"sae_tokens": tokens, "sae_epochs": epochs, "sae_corpus": corpus,
+                   "sae_width_multiple": width_multiple,
                    "hook": None if layer is None else f"blocks.{layer}.hook_resid_post"}
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
