@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
         results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, "dataset_diffing": diffing,
-                                           "on_offer": on_offer}
+                                           "on_offer": on_offer,
+                                           "latents_with_poison_words_in_contexts": int(named_by_contexts.sum())}
     results["seconds"] = time.time() - started
     print_table(results)
     output = Path(args.output)

@@ -88,6 +88,7 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
         diffing = money["dataset_diffing"][draw]
         assert len(diffing["latents"]) == 10 and 0 <= diffing["contexts"] <= 10
         assert all(0 <= latent < results["latents"] for latent in money["on_offer"][draw])
+    assert len(money["on_offer"]["0"]) <= money["latents_with_poison_words_in_contexts"] <= results["latents"]
     assert "clean" not in money["dataset_diffing"]  # the clean set has no twin to diff against
     # the draws differ, so the rankings they give differ somewhere
     assert any(entry["0"]["latents"] != entry["1"]["latents"] for entry in money["weighings"].values())
