@@ -1,9 +1,10 @@
 """Which weighing of the attribution audit's scores names a poison, on every poison and every draw at once.
 
     python benchmarks/poisoning_rankings.py --sae-tokens 400000 --sae-epochs 1  # 4 poisons x (the clean set and 3
-                                                # draws) at 10 %: about 40 minutes on 2 CPU cores
-    python benchmarks/poisoning_rankings.py --sae-tokens 400000 --sae-epochs 1 --sae-width 16  # an SAE twice
-                                                # as wide (9216 latents)
+                                                # draws) at 10 %: 41 minutes on 2 CPU cores before diffing was added
+    python benchmarks/poisoning_rankings.py --sae-tokens 400000 --sae-epochs 4 --sae-width 16 \
+        --output benchmarks/results/poisoning_rankings_d9216.json  # an SAE twice as wide (9216 latents; one epoch
+                                                # leaves most of them dead): 64 minutes, +36 to train it once
     python benchmarks/poisoning_rankings.py --quick   # the same machinery at toy size (the test suite runs it)
 
 ``poisoning.py`` measures one audit recipe per run (13 minutes each, steering included). The recipe's coverage weighing
