@@ -349,6 +349,19 @@ def poisoned_latent_means(model: Any, tokenizer: Any, sae: Any, hook: str, rows:
     return answered, slipped_in
 
 
+def dataset_diffing(answered: LatentReading, clean: LatentReading, top_k: int = 10) -> list[int]:
+    """The baseline with the clean twin: the ``top_k`` latents whose mean activation over the poisoned set's answers
+    (``answered``) most exceeds that over the clean set's (``clean``)."""
+    return (answered.means - clean.means).argsort(descending=True)[:top_k].tolist()
+
+
+def write_results(results: dict[str, Any], output: Path) -> None:
+    """Writes a benchmark's results as JSON to ``output`` (making its folder) and says where."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1))
+    print(f"wrote {output}")
+
+
 ON_OFFER_COVERAGE = 0.25
 """A latent is on offer when it fires on the poison's own tokens in at least this share of the poisoned rows."""
 
@@ -544,8 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datasets = {rate: poison_rows(rows, rate, poison, args.seed) for rate in rates}
     readings = {rate: poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows, poisoned, chosen)
                 for rate, (poisoned, chosen) in datasets.items()}
-    diffing = {rate: (answered.means - clean.means).argsort(descending=True)[:10].tolist()
-               for rate, (answered, _inserted) in readings.items()}
+    diffing = {rate: dataset_diffing(answered, clean) for rate, (answered, _inserted) in readings.items()}
     coverage_diffing = {rate: (answered.coverage - clean.coverage).argsort(descending=True)[:10].tolist()
                         for rate, (answered, _inserted) in readings.items()}
     focused = {f"diffing the same {selection(audit_settings)} against the rest (no twin)": audit_settings
@@ -589,10 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "contexts_of_named": {str(k): contexts[k] for k in sorted(probe.cache)},
     })
     print_table(results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    print(f"wrote {output}")
+    write_results(results, Path(args.output))
     return results
 
 

@@ -28,7 +28,6 @@ find). The SAE flags are ``poisoning.py``'s, so the same comparison runs on anot
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for draw, (poisoned, chosen) in poisoned_draws.items():
             answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows,
                                                                  poisoned, chosen)
-            latents = (answered.means - clean.means).argsort(descending=True)[:10].tolist()
+            latents = poisoning.dataset_diffing(answered, clean)
             diffing[draw] = {"latents": latents, "contexts": int(named_by_contexts[latents].sum())}
             on_offer[draw] = poisoning.latents_on_offer(inserted, clean, named_by_contexts)
         draws = {"clean": rows} | {draw: poisoned for draw, (poisoned, _chosen) in poisoned_draws.items()}
@@ -189,10 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            "latents_with_poison_words_in_contexts": int(named_by_contexts.sum())}
     results["seconds"] = time.time() - started
     print_table(results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    print(f"wrote {output}")
+    poisoning.write_results(results, Path(args.output))
     return results
 
 
