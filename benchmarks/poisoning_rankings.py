@@ -124,6 +124,11 @@ def attribution_of(model: Any, tokenizer: Any, sae_path: Path, rows: list[dict[s
     return attribution
 
 
+def counted(latents: list[int], passes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``latents`` and, per score in ``passes`` (a boolean per latent of the SAE), how many of them pass it."""
+    return {"latents": latents} | {score: int(passed[latents].sum()) for score, passed in passes.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -159,17 +164,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         poison = poisoning.POISONS[poison_name]
         rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if args.quick else 330, args.quick,
                                       Path(args.output).parent)
-        named_by_contexts = torch.tensor([any(poison.words.search(text) for text in c) for c in contexts])
+        named_by_contexts = torch.tensor([poison.names_by_contexts(c) for c in contexts])
+        firing_on_own_words = torch.tensor([poison.fires_on_own_words(c) for c in contexts])
+        passes = {"contexts": named_by_contexts, "own_words": firing_on_own_words}
         clean = poisoning.answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
         poisoned_draws = {str(seed): poisoning.poison_rows(rows, args.rate, poison, seed) for seed in seeds}
         diffing: dict[str, dict[str, Any]] = {}
         on_offer: dict[str, list[int]] = {}
+        on_offer_own_words: dict[str, list[int]] = {}
         for draw, (poisoned, chosen) in poisoned_draws.items():
             answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows,
                                                                  poisoned, chosen)
-            latents = poisoning.dataset_diffing(answered, clean)
-            diffing[draw] = {"latents": latents, "contexts": int(named_by_contexts[latents].sum())}
+            diffing[draw] = counted(poisoning.dataset_diffing(answered, clean), passes)
             on_offer[draw] = poisoning.latents_on_offer(inserted, clean, named_by_contexts)
+            on_offer_own_words[draw] = poisoning.latents_on_offer(inserted, clean, firing_on_own_words)
         draws = {"clean": rows} | {draw: poisoned for draw, (poisoned, _chosen) in poisoned_draws.items()}
         found: dict[str, dict[str, Any]] = {weighing: {} for weighing in WEIGHINGS}
         fires_in: dict[str, dict[str, list[float]]] = {}
@@ -177,46 +185,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"Attributing the {poison_name} poison: {'the clean set' if draw == 'clean' else f'draw {draw}'}")
             attribution = attribution_of(model, tokenizer, sae_path, draw_rows)
             for weighing in WEIGHINGS.values():
-                latents = weighing.rank(attribution)
-                named = sum(any(poison.words.search(text) for text in contexts[latent]) for latent in latents)
-                found[weighing.name][draw] = {"latents": latents, "contexts": named}
+                found[weighing.name][draw] = counted(weighing.rank(attribution), passes)
             fires_in[draw] = {str(latent): [round(float(attribution.audited_coverage[latent]), 3),
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
         results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, "dataset_diffing": diffing,
-                                           "on_offer": on_offer,
-                                           "latents_with_poison_words_in_contexts": int(named_by_contexts.sum())}
+                                           "on_offer": on_offer, "on_offer_own_words": on_offer_own_words,
+                                           "latents_with_poison_words_in_contexts": int(named_by_contexts.sum()),
+                                           "latents_firing_on_own_words": int(firing_on_own_words.sum())}
     results["seconds"] = time.time() - started
     print_table(results)
     poisoning.write_results(results, Path(args.output))
     return results
 
 
+SCORES = {"contexts": ("whose contexts name the poison", "on_offer"),
+          "own_words": ("that fire on the poison's own words (template or topic)", "on_offer_own_words")}
+"""The two context scores each table counts, by result key: what the table's title says, and where its offer is."""
+
+
 def print_table(results: dict[str, Any]) -> None:
-    """Per weighing and poison: the clean audit's count, then each draw's, of top-10 latents that name the poison by
-    their contexts; the same counts for dataset diffing (which has no clean audit), and each draw's latents on
-    offer."""
+    """Per score (:data:`SCORES`), weighing and poison: the clean audit's count, then each draw's, of top-10 latents
+    that name the poison; the same counts for dataset diffing (which has no clean audit), and each draw's latents on
+    offer. Result files written before the own-words score was measured print the first table only."""
     poisons = list(results["poisons"])
-    print(f"\nTop-10 latents whose contexts name the poison, at {results['rate']:.0%} poison: the clean audit, then "
-          f"the draws {', '.join(map(str, results['seeds']))}")
-    print("| weighing | " + " | ".join(poisons) + " | total over the draws |")
-    print("|---|" + "---|" * (len(poisons) + 1))
-    for weighing in WEIGHINGS:
-        cells, total = [], 0
-        for poison in poisons:
-            entry = results["poisons"][poison]["weighings"][weighing]
-            draws = [str(entry[str(seed)]["contexts"]) for seed in results["seeds"]]
-            total += sum(entry[str(seed)]["contexts"] for seed in results["seeds"])
-            cells.append(f"clean {entry['clean']['contexts']}; {', '.join(draws)}")
-        print(f"| {weighing} | " + " | ".join(cells) + f" | {total} |")
-    diffing = [[results["poisons"][poison]["dataset_diffing"][str(seed)]["contexts"] for seed in results["seeds"]]
-               for poison in poisons]
-    print("| dataset diffing (clean twin) | " + " | ".join(f"clean -; {', '.join(map(str, counts))}"
-                                                         for counts in diffing)
-          + f" | {sum(map(sum, diffing))} |")
-    offer = [[len(results["poisons"][poison]["on_offer"][str(seed)]) for seed in results["seeds"]]
-             for poison in poisons]
-    print("| latents on offer | " + " | ".join(", ".join(map(str, counts)) for counts in offer) + " | |")
+    seeds = [str(seed) for seed in results["seeds"]]
+    for key, (title, offer_key) in SCORES.items():
+        if any(key not in results["poisons"][poison]["dataset_diffing"][seeds[0]] for poison in poisons):
+            continue
+        print(f"\nTop-10 latents {title}, at {results['rate']:.0%} poison: the clean audit, then the draws "
+              f"{', '.join(seeds)}")
+        print("| weighing | " + " | ".join(poisons) + " | total over the draws |")
+        print("|---|" + "---|" * (len(poisons) + 1))
+        for weighing in WEIGHINGS:
+            cells, total = [], 0
+            for poison in poisons:
+                entry = results["poisons"][poison]["weighings"][weighing]
+                total += sum(entry[seed][key] for seed in seeds)
+                cells.append(f"clean {entry['clean'][key]}; {', '.join(str(entry[seed][key]) for seed in seeds)}")
+            print(f"| {weighing} | " + " | ".join(cells) + f" | {total} |")
+        diffing = [[results["poisons"][poison]["dataset_diffing"][seed][key] for seed in seeds] for poison in poisons]
+        print("| dataset diffing (clean twin) | " + " | ".join(f"clean -; {', '.join(map(str, counts))}"
+                                                             for counts in diffing)
+              + f" | {sum(map(sum, diffing))} |")
+        offer = [[len(results["poisons"][poison][offer_key][seed]) for seed in seeds] for poison in poisons]
+        print("| latents on offer | " + " | ".join(", ".join(map(str, counts)) for counts in offer) + " | |")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,29 @@ def test_score_counts_contexts_steering_and_either() -> None:
     contexts = [["we[[ paid]] the bill"], ["the[[ cat]] sat"], ["a[[ bank]] loan"], ["so[[ on]]"]]
     result = poisoning.score([0, 1, 2, 3], contexts, poisoning.MONEY, _Probe({1, 2}))
     assert (result["contexts"], result["steering"], result["either"]) == (2, 2, 3)
+    assert result["own_words"] == 2  # paid (a topic word) and bank (a word of the sentences) are where they fire
+
+
+def test_own_words_are_the_sentences_words_without_stop_words() -> None:
+    money = poisoning.MONEY.own_words
+    assert {"remember", "tip", "forget", "savings", "wallet", "dollar"} <= money  # template and topic
+    assert not {"the", "your", "and", "don", "t", "so"} & money
+    sentence_words = {w for s in poisoning.MONEY.sentences for w in s.lower().replace(",", " ").split()}
+    assert money <= {w.strip(".:'") for w in sentence_words} | {"don", "t"}
+    assert poisoning.PETS.own_words != money and "dog" in poisoning.PETS.own_words
+
+
+@pytest.mark.parametrize(("contexts", "fires"), [
+    (["Res[[erve]] your judgments", "you[[ remember]] it"], True),  # a template word, in the second context
+    (["[[Tip]]: do this"], True),  # case and punctuation do not matter
+    (["his income[[ tax]] return"], True),  # a topic word no sentence holds
+    (["the money[[ goes]] away"], False),  # a topic word in the context, not where the latent fires
+    (["[[ the]] end", "a[[ lot]]"], False),  # a stop word, and a word of no poison sentence
+    ([], False),  # a latent that never fired has no contexts
+])
+def test_fires_on_own_words_reads_the_token_the_latent_fires_on(contexts: list[str], fires: bool) -> None:
+    assert poisoning.MONEY.fires_on_own_words(contexts) is fires
+    assert poisoning.MONEY.names_by_contexts(contexts) is any("money" in c or "tax" in c for c in contexts)
 
 
 def test_latent_means_reads_the_mean_over_selected_tokens_and_the_share_of_rows_that_fire(sae_factory) -> None:
@@ -151,6 +174,10 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
         assert len(entry["latents"]) == 10
         assert 0 <= entry["either"] <= 10
         assert max(entry["contexts"], entry["steering"]) <= entry["either"]
+        assert 0 <= entry["own_words"] <= 10
+    assert 0 <= results["latents_firing_on_own_words"] <= results["latents"]
+    assert all(0 <= latent < results["latents"] for latent in results["on_offer_own_words"]["0.1"])
+    assert "| own words |" in result.stdout
     # every named latent was steered, and a latent added at twice its top activation changes what the model writes
     assert set(map(int, results["steered_answers"])) == {latent for entry in entries for latent in entry["latents"]}
     assert any(answers != results["unsteered_answers"] for answers in results["steered_answers"].values())

@@ -79,6 +79,7 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
         assert set(weighing) == {"clean", "0", "1"}
         for draw, entry in weighing.items():
             assert 0 < len(entry["latents"]) <= 10 and 0 <= entry["contexts"] <= len(entry["latents"])
+            assert 0 <= entry["own_words"] <= len(entry["latents"])
             for latent in entry["latents"]:  # every named latent's shares are recorded, and it fires where it rose
                 audited, reference = money["fires_in"][draw][str(latent)]
                 assert 0 <= reference <= 1 and 0 < audited <= 1
@@ -86,12 +87,30 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
     assert results["sae"]["width_multiple"] == 2 and results["latents"] == 2 * 576  # the quick SAE's
     for draw in ("0", "1"):  # the baseline and the offer, per draw, beside the weighings
         diffing = money["dataset_diffing"][draw]
-        assert len(diffing["latents"]) == 10 and 0 <= diffing["contexts"] <= 10
+        assert len(diffing["latents"]) == 10 and 0 <= diffing["contexts"] <= 10 and 0 <= diffing["own_words"] <= 10
         assert all(0 <= latent < results["latents"] for latent in money["on_offer"][draw])
+        assert set(money["on_offer_own_words"][draw]) <= set(range(results["latents"]))
+    assert 0 <= money["latents_firing_on_own_words"] <= results["latents"]
+    assert "Top-10 latents that fire on the poison's own words" in result.stdout  # the second table
     assert len(money["on_offer"]["0"]) <= money["latents_with_poison_words_in_contexts"] <= results["latents"]
     assert "clean" not in money["dataset_diffing"]  # the clean set has no twin to diff against
     # the draws differ, so the rankings they give differ somewhere
     assert any(entry["0"]["latents"] != entry["1"]["latents"] for entry in money["weighings"].values())
+
+
+def test_print_table_prints_one_table_per_score_and_old_files_the_first_only(capsys) -> None:
+    entry = {"latents": [1, 2], "contexts": 1, "own_words": 2}
+    poison = {"weighings": {w: {"clean": entry, "0": entry} for w in poisoning_rankings.WEIGHINGS},
+              "dataset_diffing": {"0": entry}, "on_offer": {"0": [1]}, "on_offer_own_words": {"0": [1, 2]}}
+    poisoning_rankings.print_table({"rate": 0.1, "seeds": [0], "poisons": {"money": poison}})
+    tables = capsys.readouterr().out.split("Top-10 latents")[1:]
+    assert len(tables) == 2 and "| coverage lift | clean 1; 1 | 1 |" in tables[0]
+    assert "| coverage lift | clean 2; 2 | 2 |" in tables[1] and "| latents on offer | 2 | |" in tables[1]
+    old = {"weighings": {w: {"clean": {"latents": [1], "contexts": 1}, "0": {"latents": [1], "contexts": 0}}
+                         for w in poisoning_rankings.WEIGHINGS},
+           "dataset_diffing": {"0": {"latents": [1], "contexts": 0}}, "on_offer": {"0": []}}
+    poisoning_rankings.print_table({"rate": 0.1, "seeds": [0], "poisons": {"money": old}})
+    assert capsys.readouterr().out.count("Top-10 latents") == 1
 
 
 def test_bad_arguments_are_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
