@@ -38,6 +38,41 @@ SINK_NORM_RATIO = 10.0
 (SmolLM2's first token: 138x): left out of each latent's typical activation, which would otherwise be one token's."""
 
 
+@dataclass(frozen=True)
+class CoverageWeighing:
+    """One way to weigh an attribution score by where a latent fires (``AuditSettings.coverage_weighing``).
+
+    ``weight(toward, away)`` gets, per latent, the share of rows in which it fires on the side its activation
+    difference points to (the audited rows where it rises) and on the other side, and returns a weight of 0 or more.
+
+    Example:
+        >>> shares = torch.tensor([0.8, 0.3]), torch.tensor([0.1, 0.0])
+        >>> COVERAGE_WEIGHINGS["difference"].weight(*shares)
+        tensor([0.7000, 0.3000])
+        >>> COVERAGE_WEIGHINGS["lift"].weight(*shares).round(decimals=2)  # rare elsewhere counts more
+        tensor([1.9200, 2.7700])
+    """
+
+    name: str
+    description: str
+    weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+LIFT_FLOOR = 0.02
+"""Added to both shares of the coverage lift, so that a latent that never fires in the reference rows gets a large
+weight rather than an infinite one (about one row in 50)."""
+
+COVERAGE_WEIGHINGS: dict[str, CoverageWeighing] = {weighing.name: weighing for weighing in (
+    CoverageWeighing("difference", "the share of rows where it fires minus the other side's share",
+                     lambda toward, away: (toward - away).clamp_min(0)),
+    CoverageWeighing("lift", "the log of the ratio of the two shares, each plus LIFT_FLOOR: a latent common in the "
+                     "other rows counts less than one rare there", lambda toward, away: (
+                         (toward + LIFT_FLOOR) / (away + LIFT_FLOOR)).log().clamp_min(0)),
+)}
+"""The coverage weighings an attribution audit offers, by name (``benchmarks/poisoning_rankings.py`` compares them
+on four poisons)."""
+
+
 @dataclass
 class AuditSettings:
     """The audit recipe. The defaults are the settings that recovered planted features best in
@@ -111,6 +146,11 @@ class AuditSettings:
     in which it fires minus the share of the other rows, so that a latent a few rows carry strongly ranks below one
     most of them carry. A hidden behaviour slipped into many rows shares its topic across them; the most
     surprising rows of a clean set share nothing, and their latents fall back (``benchmarks/poisoning.py``)."""
+    coverage_weighing: str = "difference"
+    """With ``weigh_by_coverage``, which weighing of :data:`COVERAGE_WEIGHINGS`: ``"difference"`` (the share of
+    surprising rows minus the share of the other rows) or ``"lift"`` (the log of their ratio, so that a latent common
+    in the other rows counts less; with a 9216-latent SAE it named more of four poisons' own words than the
+    difference in ``benchmarks/poisoning_rankings.py``, with a 4608-latent one it did not)."""
     use_cpu: bool = False
     """Run every pass on the CPU even where CUDA is available (``TrainingArguments.use_cpu``). Otherwise a model on
     the CPU is moved to the GPU first, as the Trainer moves it, so that the passes before the fit (the surprise,
@@ -135,6 +175,12 @@ class AuditSettings:
         if self.bias_fit not in ("auto", "decompose", "proximal", "attribution"):
             raise ValueError(f"bias_fit must be 'auto', 'decompose', 'proximal' or 'attribution', got "
                              f"{self.bias_fit!r}.")
+        if self.coverage_weighing not in COVERAGE_WEIGHINGS:
+            raise ValueError(f"coverage_weighing must be one of {', '.join(map(repr, COVERAGE_WEIGHINGS))}, got "
+                             f"{self.coverage_weighing!r}.")
+        if self.coverage_weighing != "difference" and not self.weigh_by_coverage:
+            raise ValueError(f"coverage_weighing={self.coverage_weighing!r} chooses how weigh_by_coverage weighs the "
+                             "scores; pass weigh_by_coverage=True too.")
         if self.weigh_by_coverage and self.bias_fit != "attribution":
             raise ValueError("weigh_by_coverage weighs the scores of an attribution audit; pass "
                              f"bias_fit='attribution' (with surprising_rows below 1), got bias_fit {self.bias_fit!r}.")
@@ -685,8 +731,8 @@ class LatentAttribution:
     data does not surprise the model; the audited rows' share is ``audited_coverage``)."""
     score: torch.Tensor
     """``activation_difference`` over its standard deviation across latents, times ``gradient_score``, where the two
-    point the same way (with ``nonnegative_bias``: both positive), else 0; with ``weigh_by_coverage``, times
-    ``coverage_difference`` too, where that points the same way, else 0."""
+    point the same way (with ``nonnegative_bias``: both positive), else 0; with ``weigh_by_coverage``, times the
+    weight of ``coverage_weighing`` (the default: ``coverage_difference`` where that points the same way, else 0)."""
     selected: torch.Tensor
     """Up to ``top_k`` latents of positive score, highest first."""
 
@@ -771,7 +817,10 @@ def attribute_latents(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]
         reference_coverage = torch.cat(rows[name]["reference fired"]).float().mean(0)
         coverage = torch.cat(rows[name]["audited fired"]).float().mean(0) - reference_coverage
         if settings.weigh_by_coverage:  # where coverage points the other way the latent is out, like a disagreement
-            score = score * torch.where(coverage * difference.sign() > 0, coverage.abs(), 0.0)
+            rises, audited_coverage = difference > 0, reference_coverage + coverage
+            toward = torch.where(rises, audited_coverage, reference_coverage)
+            away = torch.where(rises, reference_coverage, audited_coverage)
+            score = score * COVERAGE_WEIGHINGS[settings.coverage_weighing].weight(toward, away)
         order = score.argsort(descending=True)
         selected = order[score[order] > 0][: settings.top_k]
         found[name] = LatentAttribution(module.isaerft_splices[adapter_name].point.module_path, difference,

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+COVERAGE_WEIGHING_NAMES = ("difference", "lift")
+"""``peft_isaerft.audit.COVERAGE_WEIGHINGS``' names, spelled out so that ``--help`` does not import torch."""
+
 
 def _read_texts(path: str) -> list[str]:
     from .audit import read_rows
@@ -95,7 +98,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.fit_logit_scale:
         chosen["fit_logit_scale"] = True
     if args.weigh_by_coverage:
-        chosen["weigh_by_coverage"] = True
+        chosen["weigh_by_coverage"], chosen["coverage_weighing"] = True, args.weigh_by_coverage
     if args.use_cpu:
         chosen["use_cpu"] = True
     settings = AuditSettings(**chosen)
@@ -255,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "rather than what every row shares (default 1: all rows; e.g. 0.1)")
     audit.add_argument("--surprising-tokens", type=_share, help="fit only this share of the completion tokens of "
                        "those rows, the most surprising (default 1: all tokens)")
-    audit.add_argument("--weigh-by-coverage", action="store_true", help="attribution audits: weigh each latent's "
-                       "score by the share of the surprising rows it fires in minus that of the other rows, so "
-                       "features most of those rows share rank above those a few carry")
+    audit.add_argument("--weigh-by-coverage", nargs="?", const="difference", choices=COVERAGE_WEIGHING_NAMES,
+                       help="attribution audits: weigh each latent's score by where it fires, so features most of "
+                       "the surprising rows share rank above those a few carry: 'difference' (the default) is the "
+                       "share of those rows it fires in minus that of the other rows, 'lift' the log of their ratio "
+                       "(a feature common in the other rows counts less)")
     audit.add_argument("--top-k", type=positive_int, help="features to report (default 10)")
     audit.add_argument("--use-cpu", action="store_true", help="run every pass on the CPU even where CUDA is available "
                        "(by default the model moves to the GPU before the first pass, as the Trainer moves it)")

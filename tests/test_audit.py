@@ -76,9 +76,26 @@ def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_pa
                  "--weigh-by-coverage", "--top-k", "5", "--use-cpu"]) == 0
     recorded = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert recorded["settings"]["weigh_by_coverage"] is True and recorded["calibration"]["rows_fitted"] == 4
+    assert recorded["settings"]["coverage_weighing"] == "difference"
+    assert main(["audit", "--model", str(model_dir), "--sae", str(sae), "--data", str(data), "--output",
+                 str(tmp_path / "lift"), "--bias-fit", "attribution", "--surprising-rows", "0.25",
+                 "--weigh-by-coverage", "lift", "--top-k", "5", "--use-cpu"]) == 0
+    assert json.loads((tmp_path / "lift" / "audit.json").read_text())["settings"]["coverage_weighing"] == "lift"
     assert recorded["settings"]["use_cpu"] is True
     (scores,) = recorded["calibration"]["attributed"].values()
     assert 0 < len(scores) <= 5 and all(score > 0 for score in scores.values())
+
+
+def test_cli_names_the_audits_coverage_weighings(capsys) -> None:
+    from peft_isaerft.audit import COVERAGE_WEIGHINGS
+    from peft_isaerft.cli import COVERAGE_WEIGHING_NAMES
+
+    assert COVERAGE_WEIGHING_NAMES == tuple(COVERAGE_WEIGHINGS)
+    with pytest.raises(SystemExit):
+        main(["audit", "--model", "m", "--sae", "s", "--data", "d", "--output", "o", "--weigh-by-coverage", "ratio"])
+    error = capsys.readouterr().err
+    assert "argument --weigh-by-coverage: invalid choice: 'ratio'" in error
+    assert "difference" in error and "lift" in error
 
 
 def test_the_audit_runs_where_the_trainer_would(monkeypatch) -> None:
@@ -356,6 +373,11 @@ def test_audit_settings_reject_bad_values() -> None:
     assert AuditSettings(bias_fit="attribution", surprising_rows=0.1).attributes_biases
     with pytest.raises(ValueError, match="weigh_by_coverage weighs the scores of an attribution audit"):
         AuditSettings(weigh_by_coverage=True, surprising_rows=0.1)
+    with pytest.raises(ValueError, match="coverage_weighing must be one of 'difference', 'lift', got 'ratio'"):
+        AuditSettings(bias_fit="attribution", surprising_rows=0.1, weigh_by_coverage=True, coverage_weighing="ratio")
+    with pytest.raises(ValueError, match="coverage_weighing='lift' chooses how weigh_by_coverage weighs the scores; "
+                       "pass weigh_by_coverage=True too"):
+        AuditSettings(bias_fit="attribution", surprising_rows=0.1, coverage_weighing="lift")
 
 
 def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_factory) -> None:
@@ -424,6 +446,12 @@ def test_attribution_is_activation_difference_times_the_rows_gradient_score(sae_
     assert ((expected > 0) & (coverage <= 0)).any()  # some latent of positive score drops out when weighed
     kept = int((expected_weighed > 0).sum().clamp_max(5))
     assert found.selected.tolist() == expected_weighed.topk(kept).indices.tolist()
+    lifted = dataclasses.replace(weighed, coverage_weighing="lift")  # computed here from the two shares
+    (found,) = attribute_latents(peft_model, [collate(audited)], [collate(reference)], lifted,
+                                 progress=False).values()
+    audited_share, reference_share = row_coverage(audited_latents), row_coverage(reference_latents)
+    lift = ((audited_share + 0.02) / (reference_share + 0.02)).log().clamp_min(0)
+    torch.testing.assert_close(found.score, expected * lift, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="needs both"):
         attribute_latents(peft_model, [collate(audited)], [], settings, progress=False)
 
