@@ -6,6 +6,8 @@
         --output benchmarks/results/poisoning_rankings_d9216.json  # an SAE twice as wide (9216 latents; one epoch
                                                 # leaves most of them dead): 64 minutes, +36 to train it once
     python benchmarks/poisoning_rankings.py --quick   # the same machinery at toy size (the test suite runs it)
+    python benchmarks/poisoning_rankings.py --rescore benchmarks/results/poisoning_rankings.json  # a recorded file
+                                                # counted by every score, diffing and the offers recomputed beside
 
 ``poisoning.py`` measures one audit recipe per run (13 minutes each, steering included). The recipe's coverage weighing
 was chosen on the first draw of the money and food poisons. This benchmark asks a narrower question cheaply: keeping
@@ -13,9 +15,11 @@ the attribution audit's rows, tokens and scores as they are, does another way of
 latents that name the poison in the top 10, on every poison and every draw of the poisoned rows?
 
 Each audit's attribution (:func:`peft_isaerft.audit.attribute_latents`, the 20 % most surprising tokens of the 10 %
-most surprising rows against the rest) is computed once, then ranked by every weighing in ``WEIGHINGS``. The score is
-``poisoning.py``'s context score: a poison word in the latent's top three contexts on held-out text. The clean set's
-audit is the false-alarm check (its count should stay at most 1). Beside the rankings, ``fires_in`` records for each
+most surprising rows against the rest) is computed once, then ranked by every weighing in ``WEIGHINGS``. Each top 10
+is counted by ``poisoning.py``'s two context scores (``SCORES``): a topic word anywhere in the latent's top three
+contexts on held-out text, and the own-words score, where the latent fires on a word of the poison's sentences (its
+template's as well as its topic's) in one of them. The clean set's audit is the false-alarm check (its count should
+stay at most 1). Beside the rankings, ``fires_in`` records for each
 latent they name the share of the surprising rows it fires in and that share of the other rows.
 
 Beside them, in the same run and with the same score: dataset diffing with the clean twin (``poisoning.py``'s
@@ -28,6 +32,7 @@ find). The SAE flags are ``poisoning.py``'s, so the same comparison runs on anot
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +49,7 @@ import poisoning
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
 from peft_isaerft.audit import (
+    COVERAGE_WEIGHINGS,
     AuditSettings,
     LatentAttribution,
     attribute_latents,
@@ -52,7 +58,7 @@ from peft_isaerft.audit import (
     split_surprising,
     tokenise_rows,
 )
-from peft_isaerft.demo import demo_sae, load_demo_model
+from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
 from peft_isaerft.demo.corpus import load_corpus
 from peft_isaerft.saes import SAEReference, load_sae
 
@@ -83,22 +89,19 @@ class Weighing:
         return order[score[order] > 0][:top_k].tolist()
 
 
-LIFT_FLOOR = 0.02
-"""Added to both shares of the coverage lift, so that a latent that never fires in the reference rows (a share of 0)
-gets a large weight rather than an infinite one (about one row in 50)."""
-
 WEIGHINGS: dict[str, Weighing] = {weighing.name: weighing for weighing in (
     Weighing("coverage difference", "the recipe's: the share of rows where it fires minus the other side's share",
-             lambda toward, away: (toward - away).clamp_min(0)),
+             COVERAGE_WEIGHINGS["difference"].weight),
     Weighing("none", "the unweighed attribution score",
              lambda toward, away: torch.ones_like(toward)),
-    Weighing("coverage lift", "the log of the ratio of the two shares, each plus LIFT_FLOOR",
-             lambda toward, away: ((toward + LIFT_FLOOR) / (away + LIFT_FLOOR)).log().clamp_min(0)),
+    Weighing("coverage lift", "the log of the ratio of the two shares, each plus peft_isaerft.audit.LIFT_FLOOR",
+             COVERAGE_WEIGHINGS["lift"].weight),
     Weighing("coverage difference x rarity", "the coverage difference times the share of the other side's rows "
              "where it does not fire (common latents count less)",
              lambda toward, away: (toward - away).clamp_min(0) * (1 - away)),
 )}
-"""The weighings compared, by name. ``coverage difference`` is what ``AuditSettings(weigh_by_coverage=True)`` does."""
+"""The weighings compared, by name. ``coverage difference`` and ``coverage lift`` are the audit's own
+(``AuditSettings(weigh_by_coverage=True, coverage_weighing="difference" or "lift")``, ``COVERAGE_WEIGHINGS``)."""
 
 
 def attribution_of(model: Any, tokenizer: Any, sae_path: Path, rows: list[dict[str, str]],
@@ -129,6 +132,27 @@ def counted(latents: list[int], passes: dict[str, torch.Tensor]) -> dict[str, An
     return {"latents": latents} | {score: int(passed[latents].sum()) for score, passed in passes.items()}
 
 
+def score_passes(contexts: list[list[str]], poison: poisoning.Poison) -> dict[str, torch.Tensor]:
+    """Per score of :data:`SCORES`, whether each latent of the SAE (given its top ``contexts``) names ``poison``."""
+    return {"contexts": torch.tensor([poison.names_by_contexts(c) for c in contexts]),
+            "own_words": torch.tensor([poison.fires_on_own_words(c) for c in contexts])}
+
+
+def twin_baselines(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
+                   draws: dict[str, tuple[list[dict[str, str]], list[int]]],
+                   passes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per poisoned draw (``draws``: rows and which were poisoned), dataset diffing with the clean ``rows`` counted
+    by every score in ``passes``, and the latents on offer to each score."""
+    clean = poisoning.answer_latent_means(model, tokenizer, sae, hook, rows)
+    found: dict[str, Any] = {"dataset_diffing": {}} | {SCORES[score][1]: {} for score in passes}
+    for draw, (poisoned, chosen) in draws.items():
+        answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, hook, rows, poisoned, chosen)
+        found["dataset_diffing"][draw] = counted(poisoning.dataset_diffing(answered, clean), passes)
+        for score, passed in passes.items():
+            found[SCORES[score][1]][draw] = poisoning.latents_on_offer(inserted, clean, passed)
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -136,48 +160,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--poisons", default=None,
                         help=f"comma-separated, from {', '.join(poisoning.POISONS)} (default all; quick: money)")
     parser.add_argument("--seeds", default=None, help="draws of the poisoned rows, comma-separated (default 0,1,2)")
-    parser.add_argument("--rate", type=float, default=0.1, help="the share of rows poisoned (default 0.1)")
+    parser.add_argument("--rate", type=float, default=None, help="the share of rows poisoned (default 0.1)")
     poisoning.add_sae_arguments(parser)
-    parser.add_argument("--output", default="benchmarks/results/poisoning_rankings.json", help="JSON file")
+    parser.add_argument("--rescore", default=None, metavar="FILE",
+                        help="instead of a new run, count the top-10s recorded in FILE (a result file of this "
+                        "benchmark) by every score, with FILE's SAE, poisons, draws and rate, and add dataset diffing "
+                        "and the offers where FILE lacks them: minutes instead of an hour (writes --output, by "
+                        "default FILE itself)")
+    parser.add_argument("--output", default=None, help="JSON file (default benchmarks/results/poisoning_rankings.json)")
     args = parser.parse_args(argv)
     started = time.time()
+    if args.rescore:
+        return rescore(parser, args, started)
     poisons = (args.poisons or ("money" if args.quick else ",".join(poisoning.POISONS))).split(",")
     unknown = set(poisons) - set(poisoning.POISONS)
     if unknown:
         parser.error(f"unknown poisons {sorted(unknown)}; choose from {', '.join(poisoning.POISONS)}")
-    if not 0 < args.rate <= 1:
-        parser.error(f"argument --rate: a share of the rows, above 0 and at most 1; got {args.rate}")
+    rate = 0.1 if args.rate is None else args.rate
+    if not 0 < rate <= 1:
+        parser.error(f"argument --rate: a share of the rows, above 0 and at most 1; got {rate}")
     seeds = [int(seed) for seed in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     demo_settings = poisoning.sae_settings(parser, args)
+    output = Path(args.output or "benchmarks/results/poisoning_rankings.json")
     model, tokenizer, name = load_demo_model()
     poisoning.check_sae_layer(parser, args, model, name)
     texts, _sources = load_corpus()
-    sae_path, _quality = demo_sae(model, tokenizer, name, demo_settings, texts)
-    sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
-    heldout = poisoning.QUICK_HELDOUT if args.quick else poisoning.HELDOUT
-    model, statistics = poisoning.read_heldout(model, tokenizer, sae_path, texts[-heldout:])
-    contexts = [statistics.contexts(latent) for latent in range(len(statistics.top_values))]
-    results: dict[str, Any] = {"rate": args.rate, "seeds": seeds, "poisons": {},
+    sae_path, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, args.quick)
+    results: dict[str, Any] = {"rate": rate, "seeds": seeds, "poisons": {}, "quick": args.quick,
                                "sae": poisoning.sae_record(demo_settings), "latents": sae.cfg.d_sae,
                                "weighings": {w.name: w.description for w in WEIGHINGS.values()}}
     for poison_name in poisons:
         poison = poisoning.POISONS[poison_name]
         rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if args.quick else 330, args.quick,
-                                      Path(args.output).parent)
-        named_by_contexts = torch.tensor([poison.names_by_contexts(c) for c in contexts])
-        firing_on_own_words = torch.tensor([poison.fires_on_own_words(c) for c in contexts])
-        passes = {"contexts": named_by_contexts, "own_words": firing_on_own_words}
-        clean = poisoning.answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
-        poisoned_draws = {str(seed): poisoning.poison_rows(rows, args.rate, poison, seed) for seed in seeds}
-        diffing: dict[str, dict[str, Any]] = {}
-        on_offer: dict[str, list[int]] = {}
-        on_offer_own_words: dict[str, list[int]] = {}
-        for draw, (poisoned, chosen) in poisoned_draws.items():
-            answered, inserted = poisoning.poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows,
-                                                                 poisoned, chosen)
-            diffing[draw] = counted(poisoning.dataset_diffing(answered, clean), passes)
-            on_offer[draw] = poisoning.latents_on_offer(inserted, clean, named_by_contexts)
-            on_offer_own_words[draw] = poisoning.latents_on_offer(inserted, clean, firing_on_own_words)
+                                      output.parent)
+        passes = score_passes(contexts, poison)
+        poisoned_draws = {str(seed): poisoning.poison_rows(rows, rate, poison, seed) for seed in seeds}
+        baselines = twin_baselines(model, tokenizer, sae, demo_settings.hook, rows, poisoned_draws, passes)
         draws = {"clean": rows} | {draw: poisoned for draw, (poisoned, _chosen) in poisoned_draws.items()}
         found: dict[str, dict[str, Any]] = {weighing: {} for weighing in WEIGHINGS}
         fires_in: dict[str, dict[str, list[float]]] = {}
@@ -189,13 +207,97 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fires_in[draw] = {str(latent): [round(float(attribution.audited_coverage[latent]), 3),
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
-        results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, "dataset_diffing": diffing,
-                                           "on_offer": on_offer, "on_offer_own_words": on_offer_own_words,
-                                           "latents_with_poison_words_in_contexts": int(named_by_contexts.sum()),
-                                           "latents_firing_on_own_words": int(firing_on_own_words.sum())}
+        results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, **baselines,
+                                           **latents_passing(passes)}
+        results["poisons"][poison_name]["contexts_of_named"] = contexts_of_named(results["poisons"][poison_name],
+                                                                                  contexts)
     results["seconds"] = time.time() - started
     print_table(results)
-    poisoning.write_results(results, Path(args.output))
+    poisoning.write_results(results, output)
+    return results
+
+
+def contexts_of_named(found: dict[str, Any], contexts: list[list[str]]) -> dict[str, list[str]]:
+    """The top contexts of every latent that a weighing or dataset diffing names in ``found`` (one poison's
+    results): what a reader of the rankings sees of each."""
+    entries = [entry for by_draw in found["weighings"].values() for entry in by_draw.values()]
+    named = {latent for entry in entries + list(found["dataset_diffing"].values()) for latent in entry["latents"]}
+    return {str(latent): contexts[latent] for latent in sorted(named)}
+
+
+def latents_passing(passes: dict[str, torch.Tensor]) -> dict[str, int]:
+    """How many of the SAE's latents pass each score (a random top 10 holds about a tenth as many per thousand)."""
+    keys = {"contexts": "latents_with_poison_words_in_contexts", "own_words": "latents_firing_on_own_words"}
+    return {keys[score]: int(passed.sum()) for score, passed in passes.items()}
+
+
+def read_sae(model: Any, tokenizer: Any, name: str, settings: Any, texts: list[str],
+             quick: bool) -> tuple[Path, Any, Any, list[list[str]]]:
+    """The SAE of ``settings`` (trained once, then cached): its path, the SAE, ``model`` as it was, and every
+    latent's top contexts on the held-out texts, which the scores read."""
+    sae_path, _quality = demo_sae(model, tokenizer, name, settings, texts)
+    sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
+    heldout = poisoning.QUICK_HELDOUT if quick else poisoning.HELDOUT
+    model, statistics = poisoning.read_heldout(model, tokenizer, sae_path, texts[-heldout:])
+    return sae_path, sae, model, [statistics.contexts(latent) for latent in range(len(statistics.top_values))]
+
+
+def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: float) -> dict[str, Any]:
+    """``--rescore FILE``: FILE's recorded top-10s counted by every score, with FILE's own SAE, poisons, draws and
+    rate; the weighings are not re-run. Dataset diffing and the offers are computed beside them where FILE lacks
+    them (files written before diffing was added); where FILE has diffing, its latents are counted again and the
+    offers to a score FILE lacks are left unmeasured."""
+    given = [flag for flag, value in (("--poisons", args.poisons), ("--seeds", args.seeds), ("--rate", args.rate),
+                                      ("--quick", args.quick or None), ("--sae-tokens", args.sae_tokens),
+                                      ("--sae-epochs", args.sae_epochs), ("--sae-layer", args.sae_layer),
+                                      ("--sae-corpus", args.sae_corpus), ("--sae-width", args.sae_width))
+             if value is not None]
+    if given:
+        parser.error(f"argument --rescore: FILE records the SAE, poisons, draws and rate it was measured with; "
+                     f"drop {', '.join(given)}")
+    source = Path(args.rescore)
+    if not source.is_file():
+        parser.error(f"argument --rescore: no such file: {source}")
+    results = json.loads(source.read_text())
+    if not {"poisons", "seeds", "rate", "sae"} <= set(results):
+        parser.error(f"argument --rescore: {source} is not a result file of this benchmark (it lacks "
+                     f"{sorted({'poisons', 'seeds', 'rate', 'sae'} - set(results))})")
+    recorded, quick = results["sae"], bool(results.get("quick"))
+    demo_settings = (DemoSettings.quick() if quick else DemoSettings()).with_sae(recorded["tokens"], recorded["epochs"],
+                                            int(recorded["hook"].split(".")[1]), recorded.get("corpus"),
+                                            recorded.get("width_multiple"))
+    model, tokenizer, name = load_demo_model()
+    texts, _sources = load_corpus()
+    _sae_path, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, quick)
+    if sae.cfg.d_sae != results.get("latents", sae.cfg.d_sae):
+        parser.error(f"argument --rescore: {source} was measured with {results['latents']} latents; the cached SAE "
+                     f"of its settings has {sae.cfg.d_sae}")
+    output = Path(args.output) if args.output else source
+    for poison_name, found in results["poisons"].items():
+        poison = poisoning.POISONS[poison_name]
+        rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if quick else 330, quick, source.parent)
+        passes = score_passes(contexts, poison)
+        for weighing, by_draw in found["weighings"].items():
+            for draw, entry in by_draw.items():
+                by_draw[draw] = counted(entry["latents"], passes)
+                if by_draw[draw]["contexts"] != entry["contexts"]:  # the held-out contexts are not the recorded ones
+                    parser.error(f"argument --rescore: {source} counts {entry['contexts']} of the {weighing} "
+                                 f"weighing's latents ({poison_name}, {draw}) by contexts; the cached SAE of its "
+                                 f"settings counts {by_draw[draw]['contexts']}: it is not the SAE it was measured "
+                                 "with")
+        if "dataset_diffing" in found:  # recorded: counted again; the offers to a new score are left unmeasured
+            found["dataset_diffing"] = {draw: counted(entry["latents"], passes)
+                                        for draw, entry in found["dataset_diffing"].items()}
+        else:
+            draws = {str(seed): poisoning.poison_rows(rows, results["rate"], poison, seed)
+                     for seed in results["seeds"]}
+            found.update(twin_baselines(model, tokenizer, sae, demo_settings.hook, rows, draws, passes))
+        found.update(latents_passing(passes))
+        found["contexts_of_named"] = contexts_of_named(found, contexts)
+    results["latents"] = sae.cfg.d_sae
+    results["rescored"] = {"scores": list(SCORES), "seconds": time.time() - started}
+    print_table(results)
+    poisoning.write_results(results, output)
     return results
 
 
@@ -228,8 +330,9 @@ def print_table(results: dict[str, Any]) -> None:
         print("| dataset diffing (clean twin) | " + " | ".join(f"clean -; {', '.join(map(str, counts))}"
                                                              for counts in diffing)
               + f" | {sum(map(sum, diffing))} |")
-        offer = [[len(results["poisons"][poison][offer_key][seed]) for seed in seeds] for poison in poisons]
-        print("| latents on offer | " + " | ".join(", ".join(map(str, counts)) for counts in offer) + " | |")
+        offer = [", ".join(str(len(results["poisons"][poison][offer_key][seed])) for seed in seeds)
+                 if offer_key in results["poisons"][poison] else "not measured" for poison in poisons]
+        print("| latents on offer | " + " | ".join(offer) + " | |")
 
 
 if __name__ == "__main__":

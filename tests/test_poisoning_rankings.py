@@ -40,7 +40,7 @@ def test_weighings_rank_by_score_times_weight_and_drop_latents_weighed_to_zero()
     assert weighings["none"].rank(attribution, top_k=1) == [2]
 
 
-def test_coverage_difference_is_the_audits_own_weighing_both_ways(sae_factory) -> None:
+def test_coverage_difference_and_lift_are_the_audits_own_weighings_both_ways(sae_factory) -> None:
     from peft_isaerft.audit import AuditSettings
 
     model, tokenizer = make_model("llama"), make_tokenizer()
@@ -51,11 +51,12 @@ def test_coverage_difference_is_the_audits_own_weighing_both_ways(sae_factory) -
         settings = dataclasses.replace(poisoning_rankings.RECIPE, surprising_rows=0.5, surprising_tokens=1.0,
                                        max_length=64, nonnegative_bias=nonnegative, top_k=5)
         unweighed = poisoning_rankings.attribution_of(model, tokenizer, sae_path, rows, settings)
-        weighed = poisoning_rankings.attribution_of(model, tokenizer, sae_path, rows,
-                                                    dataclasses.replace(settings, weigh_by_coverage=True))
-        assert isinstance(settings, AuditSettings) and len(weighed.selected) > 0
-        ranked = poisoning_rankings.WEIGHINGS["coverage difference"].rank(unweighed, top_k=5)
-        assert ranked == weighed.selected.tolist(), nonnegative
+        for audit_name, benchmark_name in (("difference", "coverage difference"), ("lift", "coverage lift")):
+            weighed = poisoning_rankings.attribution_of(model, tokenizer, sae_path, rows, dataclasses.replace(
+                settings, weigh_by_coverage=True, coverage_weighing=audit_name))
+            assert isinstance(settings, AuditSettings) and len(weighed.selected) > 0
+            ranked = poisoning_rankings.WEIGHINGS[benchmark_name].rank(unweighed, top_k=5)
+            assert ranked == weighed.selected.tolist(), (nonnegative, audit_name)
         if not nonnegative:  # the check reaches latents whose activation falls, where the sides swap
             assert (unweighed.activation_difference[(unweighed.score > 0)] < 0).any()
     assert not any(type(m).__name__ == "ISaeRFTLayer" for m in model.modules())  # the model is left as it was
@@ -97,6 +98,38 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
     # the draws differ, so the rankings they give differ somewhere
     assert any(entry["0"]["latents"] != entry["1"]["latents"] for entry in money["weighings"].values())
 
+    # a recorded file, re-scored: the same SAE (from the cache) and draws give the same counts and baselines
+    rescored_path = tmp_path / "rescored.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning_rankings.py"), "--rescore",
+                             str(output), "--output", str(rescored_path)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rescored = json.loads(rescored_path.read_text())
+    assert rescored["rescored"]["scores"] == ["contexts", "own_words"] and "Top-10 latents that fire" in result.stdout
+    for key in ("weighings", "dataset_diffing", "on_offer", "on_offer_own_words", "latents_firing_on_own_words",
+                "contexts_of_named"):
+        assert rescored["poisons"]["money"][key] == money[key], key
+    assert set(map(int, money["contexts_of_named"])) >= set(money["dataset_diffing"]["0"]["latents"])
+
+
+def test_rescore_refuses_what_the_file_records_and_what_is_not_a_result_file(tmp_path, capsys) -> None:
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"poisons": {}, "seeds": [0], "rate": 0.1,
+                                    "sae": {"tokens": 2500, "epochs": 1, "hook": "blocks.15.hook_resid_post"}}))
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--rescore", str(recorded), "--seeds", "3", "--sae-width", "16"])
+    assert "FILE records the SAE, poisons, draws and rate it was measured with; drop --seeds, --sae-width" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--rescore", str(tmp_path / "missing.json")])
+    assert "no such file" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"audits": {}, "seed": 0}))
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--rescore", str(other)])
+    assert "is not a result file of this benchmark (it lacks ['poisons', 'rate', 'sae', 'seeds'])" in (
+        capsys.readouterr().err)
+
 
 def test_print_table_prints_one_table_per_score_and_old_files_the_first_only(capsys) -> None:
     entry = {"latents": [1, 2], "contexts": 1, "own_words": 2}
@@ -111,6 +144,9 @@ def test_print_table_prints_one_table_per_score_and_old_files_the_first_only(cap
            "dataset_diffing": {"0": {"latents": [1], "contexts": 0}}, "on_offer": {"0": []}}
     poisoning_rankings.print_table({"rate": 0.1, "seeds": [0], "poisons": {"money": old}})
     assert capsys.readouterr().out.count("Top-10 latents") == 1
+    del poison["on_offer_own_words"]  # a re-scored file: the offer to the new score was not measured
+    poisoning_rankings.print_table({"rate": 0.1, "seeds": [0], "poisons": {"money": poison}})
+    assert capsys.readouterr().out.split("Top-10 latents")[2].endswith("| latents on offer | not measured | |\n")
 
 
 def test_bad_arguments_are_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
