@@ -226,7 +226,7 @@ def contexts_of_named(found: dict[str, Any], contexts: list[list[str]]) -> dict[
 
 
 def latents_passing(passes: dict[str, torch.Tensor]) -> dict[str, int]:
-    """How many of the SAE's latents pass each score (a random top 10 holds about a tenth as many per thousand)."""
+    """How many of the SAE's latents pass each score: a random top 10 holds ten times their share of the latents."""
     keys = {"contexts": "latents_with_poison_words_in_contexts", "own_words": "latents_firing_on_own_words"}
     return {keys[score]: int(passed.sum()) for score, passed in passes.items()}
 
@@ -263,9 +263,9 @@ def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
         parser.error(f"argument --rescore: {source} is not a result file of this benchmark (it lacks "
                      f"{sorted({'poisons', 'seeds', 'rate', 'sae'} - set(results))})")
     recorded, quick = results["sae"], bool(results.get("quick"))
-    demo_settings = (DemoSettings.quick() if quick else DemoSettings()).with_sae(recorded["tokens"], recorded["epochs"],
-                                            int(recorded["hook"].split(".")[1]), recorded.get("corpus"),
-                                            recorded.get("width_multiple"))
+    layer = int(recorded["hook"].split(".")[1])  # blocks.<layer>.hook_resid_post
+    demo_settings = (DemoSettings.quick() if quick else DemoSettings()).with_sae(
+        recorded["tokens"], recorded["epochs"], layer, recorded.get("corpus"), recorded.get("width_multiple"))
     model, tokenizer, name = load_demo_model()
     texts, _sources = load_corpus()
     _sae_path, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, quick)
