@@ -399,6 +399,20 @@ def dataset_diffing(answered: LatentReading, clean: LatentReading, top_k: int = 
     return (answered.means - clean.means).argsort(descending=True)[:top_k].tolist()
 
 
+def score_passes(contexts: list[list[str]], poison: Poison) -> dict[str, torch.Tensor]:
+    """Per context score (``contexts``: :meth:`Poison.names_by_contexts`; ``own_words``:
+    :meth:`Poison.fires_on_own_words`), whether each latent of the SAE, given its top ``contexts``, names ``poison``."""
+    return {"contexts": torch.tensor([poison.names_by_contexts(c) for c in contexts]),
+            "own_words": torch.tensor([poison.fires_on_own_words(c) for c in contexts])}
+
+
+def latents_passing(passes: dict[str, torch.Tensor]) -> dict[str, int]:
+    """How many of the SAE's latents pass each score of :func:`score_passes`, under the result files' keys: a random
+    top 10 holds ten times their share of the latents."""
+    keys = {"contexts": "latents_with_poison_words_in_contexts", "own_words": "latents_firing_on_own_words"}
+    return {keys[score]: int(passed.sum()) for score, passed in passes.items()}
+
+
 def write_results(results: dict[str, Any], output: Path) -> None:
     """Writes a benchmark's results as JSON to ``output`` (making its folder) and says where."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -597,8 +611,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, statistics = read_heldout(model, tokenizer, sae_path, texts[-heldout:])
     contexts = [statistics.contexts(latent) for latent in range(sae.cfg.d_sae)]
-    named_by_contexts = torch.tensor([poison.names_by_contexts(c) for c in contexts])
-    firing_on_own_words = torch.tensor([poison.fires_on_own_words(c) for c in contexts])
+    passes = score_passes(contexts, poison)
     clean = answer_latent_means(model, tokenizer, sae, demo_settings.hook, rows)
     datasets = {rate: poison_rows(rows, rate, poison, args.seed) for rate in rates}
     readings = {rate: poisoned_latent_means(model, tokenizer, sae, demo_settings.hook, rows, poisoned, chosen)
@@ -633,17 +646,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "surprise_diffing": {label: {str(rate): score(latents[rate], contexts, poison, probe) for rate in rates}
                              for label, latents in surprise_baselines.items()},
         "poisoned_rows": {str(rate): len(chosen) for rate, (_poisoned, chosen) in datasets.items()},
-        "on_offer": {str(rate): latents_on_offer(inserted, clean, named_by_contexts)
+        "on_offer": {str(rate): latents_on_offer(inserted, clean, passes["contexts"])
                      for rate, (_answered, inserted) in readings.items()},
-        "on_offer_own_words": {str(rate): latents_on_offer(inserted, clean, firing_on_own_words)
+        "on_offer_own_words": {str(rate): latents_on_offer(inserted, clean, passes["own_words"])
                                for rate, (_answered, inserted) in readings.items()},
         "seed": args.seed,
         "poison": {"name": poison.name, "placement": poison.placement, "sentences": list(poison.sentences)},
     }
     results.update({
         "rows": len(rows), "latents": sae.cfg.d_sae,
-        "latents_with_poison_words_in_contexts": int(named_by_contexts.sum()),
-        "latents_firing_on_own_words": int(firing_on_own_words.sum()),
+        **latents_passing(passes),
         "sae": sae_record(demo_settings),
         "unsteered_answers": probe.unsteered, "settings": {k: asdict(v) for k, v in settings.items()},
         "seconds": time.time() - started, "steered_answers": {str(k): v for k, v in probe.cache.items()},

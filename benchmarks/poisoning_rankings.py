@@ -132,12 +132,6 @@ def counted(latents: list[int], passes: dict[str, torch.Tensor]) -> dict[str, An
     return {"latents": latents} | {score: int(passed[latents].sum()) for score, passed in passes.items()}
 
 
-def score_passes(contexts: list[list[str]], poison: poisoning.Poison) -> dict[str, torch.Tensor]:
-    """Per score of :data:`SCORES`, whether each latent of the SAE (given its top ``contexts``) names ``poison``."""
-    return {"contexts": torch.tensor([poison.names_by_contexts(c) for c in contexts]),
-            "own_words": torch.tensor([poison.fires_on_own_words(c) for c in contexts])}
-
-
 def twin_baselines(model: Any, tokenizer: Any, sae: Any, hook: str, rows: list[dict[str, str]],
                    draws: dict[str, tuple[list[dict[str, str]], list[int]]],
                    passes: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         poison = poisoning.POISONS[poison_name]
         rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if args.quick else 330, args.quick,
                                       output.parent)
-        passes = score_passes(contexts, poison)
+        passes = poisoning.score_passes(contexts, poison)
         poisoned_draws = {str(seed): poisoning.poison_rows(rows, rate, poison, seed) for seed in seeds}
         baselines = twin_baselines(model, tokenizer, sae, demo_settings.hook, rows, poisoned_draws, passes)
         draws = {"clean": rows} | {draw: poisoned for draw, (poisoned, _chosen) in poisoned_draws.items()}
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             round(float(attribution.reference_coverage[latent]), 3)]
                               for latent in sorted({i for entry in found.values() for i in entry[draw]["latents"]})}
         results["poisons"][poison_name] = {"weighings": found, "fires_in": fires_in, **baselines,
-                                           **latents_passing(passes)}
+                                           **poisoning.latents_passing(passes)}
         results["poisons"][poison_name]["contexts_of_named"] = contexts_of_named(results["poisons"][poison_name],
                                                                                   contexts)
     results["seconds"] = time.time() - started
@@ -223,12 +217,6 @@ def contexts_of_named(found: dict[str, Any], contexts: list[list[str]]) -> dict[
     entries = [entry for by_draw in found["weighings"].values() for entry in by_draw.values()]
     named = {latent for entry in entries + list(found["dataset_diffing"].values()) for latent in entry["latents"]}
     return {str(latent): contexts[latent] for latent in sorted(named)}
-
-
-def latents_passing(passes: dict[str, torch.Tensor]) -> dict[str, int]:
-    """How many of the SAE's latents pass each score: a random top 10 holds ten times their share of the latents."""
-    keys = {"contexts": "latents_with_poison_words_in_contexts", "own_words": "latents_firing_on_own_words"}
-    return {keys[score]: int(passed.sum()) for score, passed in passes.items()}
 
 
 def read_sae(model: Any, tokenizer: Any, name: str, settings: Any, texts: list[str],
@@ -276,7 +264,7 @@ def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
     for poison_name, found in results["poisons"].items():
         poison = poisoning.POISONS[poison_name]
         rows = poisoning.dataset_rows(model, tokenizer, texts, poison, 14 if quick else 330, quick, source.parent)
-        passes = score_passes(contexts, poison)
+        passes = poisoning.score_passes(contexts, poison)
         for weighing, by_draw in found["weighings"].items():
             for draw, entry in by_draw.items():
                 by_draw[draw] = counted(entry["latents"], passes)
@@ -292,7 +280,7 @@ def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
             draws = {str(seed): poisoning.poison_rows(rows, results["rate"], poison, seed)
                      for seed in results["seeds"]}
             found.update(twin_baselines(model, tokenizer, sae, demo_settings.hook, rows, draws, passes))
-        found.update(latents_passing(passes))
+        found.update(poisoning.latents_passing(passes))
         found["contexts_of_named"] = contexts_of_named(found, contexts)
     results["latents"] = sae.cfg.d_sae
     results["rescored"] = {"scores": list(SCORES), "seconds": time.time() - started}
