@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from records import write_json
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peft_isaerft  # noqa: F401
@@ -127,8 +128,7 @@ def main(quick: bool, output: Path | None) -> int:
                   f"difference {comparison['largest_relative_difference']:.1e}", flush=True)
     results["failures"] = failures
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=1))
+        write_json(output, results)
     for failure in failures:
         print("FAIL", failure)
     return 1 if failures else 0

@@ -18,7 +18,6 @@ Exits non-zero when any case is outside its tolerance; the JSON has each case's 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 from peft import get_peft_model
+from records import write_json
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peft_isaerft  # noqa: F401
@@ -118,8 +118,7 @@ def main(quick: bool, output: Path | None, device: str) -> int:
               "torch": torch.__version__, "shapes": shapes, "cases": cases, "failed": len(failed),
               "seconds": time.perf_counter() - started}
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1))
+        write_json(output, result)
         print(f"wrote {output}")
     print(f"{len(cases) - len(failed)} of {len(cases)} cases within tolerance on {result['device']}")
     return 1 if failed else 0

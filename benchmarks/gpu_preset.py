@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from records import write_json
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from transformers import AutoModelForCausalLM, Gemma2Config
 
@@ -417,8 +418,7 @@ def main(quick: bool, output: Path, device: str) -> None:
               "compact_vs_dense_relative_error": equal, "errors": raise_later,
               "minutes": (time.perf_counter() - started) / 60}
     add_ratios(result)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
+    write_json(output, result)
     print_table(result)
     print(f"\nwrote {output}")
     if raise_later:

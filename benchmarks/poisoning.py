@@ -53,6 +53,8 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from records import write_json
+
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
 from peft_isaerft.attach_points import resolve_attach_point
@@ -413,13 +415,6 @@ def latents_passing(passes: dict[str, torch.Tensor]) -> dict[str, int]:
     return {keys[score]: int(passed.sum()) for score, passed in passes.items()}
 
 
-def write_results(results: dict[str, Any], output: Path) -> None:
-    """Writes a benchmark's results as JSON to ``output`` (making its folder) and says where."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    print(f"wrote {output}")
-
-
 ON_OFFER_COVERAGE = 0.25
 """A latent is on offer when it fires on the poison's own tokens in at least this share of the poisoned rows."""
 
@@ -662,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "contexts_of_named": {str(k): contexts[k] for k in sorted(probe.cache)},
     })
     print_table(results)
-    write_results(results, Path(args.output))
+    write_json(Path(args.output), results)
+    print(f"wrote {args.output}")
     return results
 
 

@@ -45,6 +45,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import poisoning
+from records import write_json
 
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                                   contexts)
     results["seconds"] = time.time() - started
     print_table(results)
-    poisoning.write_results(results, output)
+    write_json(output, results)
+    print(f"wrote {output}")
     return results
 
 
@@ -285,7 +287,8 @@ def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
     results["latents"] = sae.cfg.d_sae
     results["rescored"] = {"scores": list(SCORES), "seconds": time.time() - started}
     print_table(results)
-    poisoning.write_results(results, output)
+    write_json(output, results)
+    print(f"wrote {output}")
     return results
 
 

@@ -47,6 +47,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from records import write_json
+
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig, feature_report
 from peft_isaerft.attach_points import resolve_attach_point
@@ -394,14 +396,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(output, result)
     print(f"\nwrote {output}")
     return result
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Write ``result`` whole or not at all: a run cut while writing leaves the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1))
-    partial.replace(path)
 
 
 def resumed_cells(output: Path, run: dict[str, Any], parser: argparse.ArgumentParser) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from records import write_json
 from sae_lens import SAE
 
 import peft_isaerft  # noqa: F401
@@ -203,8 +204,7 @@ def main() -> None:
     result = {"screen_candidates": SCREEN_CANDIDATES,
               "screen_min_latents_per_candidate": active_latents.SCREEN_MIN_LATENTS_PER_CANDIDATE, "cases": cases,
               "selector_timings": timings, "minutes": (time.perf_counter() - started) / 60}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
+    write_json(args.output, result)
     print(f"wrote {args.output}")
 
 

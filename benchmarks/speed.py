@@ -35,6 +35,8 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from records import write_json
+
 import peft_isaerft  # noqa: F401
 from peft_isaerft import ISaeRFTConfig
 from peft_isaerft.cli import positive_int
@@ -233,8 +235,7 @@ def main() -> None:
               "generation_tokens_per_s": generation, "generation_vs_base": generation_ratios,
               "sae_dtype_relative_error": dtype_error}
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
+    write_json(output, result)
     print_table(result)
     plot(result, output.with_suffix(".png"))
     if not quick:  # the documentation shows the latest full grid

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import random
 import sys
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import write_json
 from unlearning_items import FORGET_ITEMS, RETAIN_ITEMS
 
 import peft_isaerft  # noqa: F401
@@ -491,8 +491,7 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
         logger.info("after relearning, %s: %s", label, _fmt(scores))
     results["relearned"] = relearned
     results["minutes"] = (time.time() - started) / 60
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
+    write_json(output, results)
     print(summary(results))
     return results
 
