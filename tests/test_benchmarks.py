@@ -115,3 +115,27 @@ def test_fsdp_check_compares_a_saved_adapter_with_the_trained_model(tmp_path) ->
     failed = subprocess.run([sys.executable, "benchmarks/fsdp_check.py", "check", str(tmp_path)], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)
     assert failed.returncode == 1 and not json.loads(failed.stdout.strip().splitlines()[-1])["equal"]
+
+
+
+def test_results_file_is_replaced_whole_and_a_write_cut_midway_leaves_the_previous_one(tmp_path, monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from records import write_json
+
+    output = tmp_path / "results" / "run.json"
+    write_json(output, {"cells": [1, 2]})
+    write_json(output, {"cells": [3]})
+    assert json.loads(output.read_text()) == {"cells": [3]}
+    assert sorted(path.name for path in output.parent.iterdir()) == ["run.json"]
+
+    write_text = Path.write_text
+
+    def disk_full_midway(path: Path, text: str, *args, **kwargs) -> int:
+        write_text(path, text[:5], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_midway)
+    with pytest.raises(OSError, match="No space"):
+        write_json(output, {"cells": [4]})
+    monkeypatch.undo()
+    assert json.loads(output.read_text()) == {"cells": [3]}
