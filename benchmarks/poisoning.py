@@ -353,7 +353,7 @@ def latent_means(model: Any, sae: Any, hook: str, rows: list[list[int]],
     totals, counts = torch.zeros(len(selections), sae.cfg.d_sae), torch.zeros(len(selections))
     fired, rows_read = torch.zeros(len(selections), sae.cfg.d_sae), torch.zeros(len(selections))
     try:
-        for index, ids in enumerate(rows):
+        for index, ids in enumerate(tqdm(rows, desc="Reading the base model's latents row by row", leave=False)):
             model(torch.tensor([ids]))
             z = sae.encode(captured.pop()[0]).float()
             for which, selection in enumerate(selections):
@@ -466,6 +466,8 @@ class SteeringProbe:
             self.unsteered = generate_answers(self.model, tokenizer, questions, new_tokens)
         self.unsteered_with_poison = sum(bool(words.search(a)) for a in self.unsteered)
         self.cache: dict[int, list[str]] = {}
+        # the number to steer is known only as the rankings come in, so the bar counts without a total
+        self.progress = tqdm(desc="Steering with one latent at a time", unit=" latents")
 
     def answers(self, latent: int) -> list[str]:
         if latent not in self.cache:
@@ -474,6 +476,7 @@ class SteeringProbe:
                 self.bias[latent] = 2 * float(self.strengths[latent])
                 self.cache[latent] = generate_answers(self.model, self.tokenizer, self.questions, self.new_tokens)
                 self.bias.zero_()
+            self.progress.update()
         return self.cache[latent]
 
     def writes_poison(self, latent: int) -> bool:
