@@ -37,6 +37,7 @@ diffing between the rows it selects and the whole set (no twin).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -63,6 +64,7 @@ from peft_isaerft.cli import positive_int
 from peft_isaerft.demo import DemoSettings, demo_sae, generate_answers, load_demo_model
 from peft_isaerft.demo.behaviour import QUESTIONS
 from peft_isaerft.demo.corpus import load_corpus
+from peft_isaerft.demo.sae_training import SAEQuality
 from peft_isaerft.interpret.activations import latent_statistics
 from peft_isaerft.saes import SAEReference, load_sae
 
@@ -548,10 +550,18 @@ def check_sae_layer(parser: argparse.ArgumentParser, args: argparse.Namespace, m
                      f"{model.config.num_hidden_layers - 1}; got {args.sae_layer}")
 
 
-def sae_record(settings: DemoSettings) -> dict[str, Any]:
-    """What a result file records of the SAE it was measured with."""
+def sae_record(settings: DemoSettings, sae_path: Path, quality: SAEQuality) -> dict[str, Any]:
+    """What a result file records of the SAE it was measured with: its settings, its quality, and a fingerprint of its
+    weights. The same settings need not give the same SAE on another machine (floating-point sums in another order
+    train other weights), so two result files used the same SAE only where their fingerprints agree."""
     return {"tokens": settings.sae_tokens, "epochs": settings.sae_epochs, "hook": settings.hook,
-            "corpus": settings.sae_corpus, "width_multiple": settings.sae_width_multiple}
+            "corpus": settings.sae_corpus, "width_multiple": settings.sae_width_multiple,
+            "weights_sha256": weights_fingerprint(sae_path), "quality": asdict(quality)}
+
+
+def weights_fingerprint(sae_path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the SAE's weights file (as the demo's cache writes it)."""
+    return hashlib.sha256((sae_path / "sae_weights.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -604,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = dataset_rows(model, tokenizer, texts, poison, sayings, args.quick, Path(args.output).parent)
     if args.row_selection:
         return row_selection(model, tokenizer, rows, rates, poison, args.seed)
-    sae_path, _quality = demo_sae(model, tokenizer, name, demo_settings, texts)
+    sae_path, quality = demo_sae(model, tokenizer, name, demo_settings, texts)
     sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
 
     model, statistics = read_heldout(model, tokenizer, sae_path, texts[-heldout:])
@@ -654,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.update({
         "rows": len(rows), "latents": sae.cfg.d_sae,
         **latents_passing(passes),
-        "sae": sae_record(demo_settings),
+        "sae": sae_record(demo_settings, sae_path, quality),
         "unsteered_answers": probe.unsteered, "settings": {k: asdict(v) for k, v in settings.items()},
         "seconds": time.time() - started, "steered_answers": {str(k): v for k, v in probe.cache.items()},
         "contexts_of_named": {str(k): contexts[k] for k in sorted(probe.cache)},

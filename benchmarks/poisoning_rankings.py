@@ -61,6 +61,7 @@ from peft_isaerft.audit import (
 )
 from peft_isaerft.demo import DemoSettings, demo_sae, load_demo_model
 from peft_isaerft.demo.corpus import load_corpus
+from peft_isaerft.demo.sae_training import SAEQuality
 from peft_isaerft.saes import SAEReference, load_sae
 
 RECIPE = AuditSettings(component="bias", top_k=10, surprising_rows=0.1, surprising_tokens=0.2, bias_fit="attribution")
@@ -180,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer, name = load_demo_model()
     poisoning.check_sae_layer(parser, args, model, name)
     texts, _sources = load_corpus()
-    sae_path, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, args.quick)
+    sae_path, quality, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, args.quick)
     results: dict[str, Any] = {"rate": rate, "seeds": seeds, "poisons": {}, "quick": args.quick,
-                               "sae": poisoning.sae_record(demo_settings), "latents": sae.cfg.d_sae,
+                               "sae": poisoning.sae_record(demo_settings, sae_path, quality),
+                               "latents": sae.cfg.d_sae,
                                "weighings": {w.name: w.description for w in WEIGHINGS.values()}}
     for poison_name in poisons:
         poison = poisoning.POISONS[poison_name]
@@ -222,14 +224,14 @@ def contexts_of_named(found: dict[str, Any], contexts: list[list[str]]) -> dict[
 
 
 def read_sae(model: Any, tokenizer: Any, name: str, settings: Any, texts: list[str],
-             quick: bool) -> tuple[Path, Any, Any, list[list[str]]]:
-    """The SAE of ``settings`` (trained once, then cached): its path, the SAE, ``model`` as it was, and every
-    latent's top contexts on the held-out texts, which the scores read."""
-    sae_path, _quality = demo_sae(model, tokenizer, name, settings, texts)
+             quick: bool) -> tuple[Path, SAEQuality, Any, Any, list[list[str]]]:
+    """The SAE of ``settings`` (trained once, then cached): its path, its quality, the SAE, ``model`` as it was, and
+    every latent's top contexts on the held-out texts, which the scores read."""
+    sae_path, quality = demo_sae(model, tokenizer, name, settings, texts)
     sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
     heldout = poisoning.QUICK_HELDOUT if quick else poisoning.HELDOUT
     model, statistics = poisoning.read_heldout(model, tokenizer, sae_path, texts[-heldout:])
-    return sae_path, sae, model, [statistics.contexts(latent) for latent in range(len(statistics.top_values))]
+    return sae_path, quality, sae, model, [statistics.contexts(latent) for latent in range(len(statistics.top_values))]
 
 
 def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: float) -> dict[str, Any]:
@@ -258,7 +260,13 @@ def rescore(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
         recorded["tokens"], recorded["epochs"], layer, recorded.get("corpus"), recorded.get("width_multiple"))
     model, tokenizer, name = load_demo_model()
     texts, _sources = load_corpus()
-    _sae_path, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, quick)
+    sae_path, _quality, sae, model, contexts = read_sae(model, tokenizer, name, demo_settings, texts, quick)
+    fingerprint = poisoning.weights_fingerprint(sae_path)
+    if recorded.get("weights_sha256", fingerprint) != fingerprint:  # files before fingerprints: the counts tell
+        parser.error(f"argument --rescore: {source} was measured with the SAE whose weights' fingerprint is "
+                     f"{recorded['weights_sha256']}; the cached SAE of its settings ({sae_path}) is {fingerprint}, "
+                     "trained apart from it (on another machine the same settings train other weights): run the "
+                     "benchmark again instead, or re-score on the machine that holds that SAE")
     if sae.cfg.d_sae != results.get("latents", sae.cfg.d_sae):
         parser.error(f"argument --rescore: {source} was measured with {results['latents']} latents; the cached SAE "
                      f"of its settings has {sae.cfg.d_sae}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -157,9 +158,13 @@ def test_quick_benchmark_runs_on_smollm2_and_steering_changes_the_answers(tmp_pa
     assert results["seed"] == 0 and set(results["on_offer"]) == {"0.1"}
     assert all(0 <= latent < results["latents"] for latent in results["on_offer"]["0.1"])
     # the SAE the flags asked for was trained (its own cache folder, at layer 10) and is the one recorded
-    assert results["sae"] == {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post", "corpus": "corpus",
-                              "width_multiple": 2}  # the quick SAE's width
+    settings = {"tokens": 2500, "epochs": 1, "hook": "blocks.10.hook_resid_post", "corpus": "corpus",
+                "width_multiple": 2}  # the quick SAE's width
+    assert {key: results["sae"][key] for key in settings} == settings
     (cfg,) = (tmp_path / "cache").rglob("*-t2500-e1-v1/cfg.json")
+    weights = (cfg.parent / "sae_weights.safetensors").read_bytes()
+    assert results["sae"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()[:16]
+    assert results["sae"]["quality"] == json.loads((cfg.parent / "quality.json").read_text())
     assert cfg.parent.name.startswith("blocks.10.hook_resid_post-")
     assert json.loads(cfg.read_text())["metadata"]["hook_name"] == "blocks.10.hook_resid_post"
     audits = results["audits"]

