@@ -591,8 +591,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="only write the clean and poisoned sets, the model as a transformers folder and the SAE's "
                         "path into FOLDER, and print the isaerft audit command that audits one (minutes)")
     args = parser.parse_args(argv)
-    if args.export and args.row_selection:
-        parser.error("--export and --row-selection each replace the benchmark; choose one")
+    if args.export:
+        ignored = [flag for flag, value, default in (
+            ("--row-selection", args.row_selection, False), ("--output", args.output, None),
+            ("--steps", args.steps, None), ("--component", args.component, "bias"),
+            ("--audits", args.audits, "defaults,surprising-rows")) if value != default]
+        if ignored:
+            parser.error(f"--export only writes the sets and prints the audit command, so {', '.join(ignored)} "
+                         "would do nothing; drop them, or drop --export to run the benchmark")
     started = time.time()
     demo_settings = sae_settings(parser, args)
     unknown = set(args.audits.split(",")) - set(AUDITS)
@@ -695,7 +701,7 @@ def export_sets(folder: Path, model: Any, tokenizer: Any, rows: list[dict[str, s
     benchmark audits them, and which rows were poisoned (``poisoned_rows.json``). Returns those paths, the SAE's and
     the command line that audits the poisoned set of the highest rate the way the benchmark's lift audit does.
 
-    Example (about two minutes with the demo's SAE cached; the printed command then takes about five)::
+    Example (about a minute with the SAE cached; the printed command, on 2 CPU cores, several more)::
 
         python benchmarks/poisoning.py --poison money --seed 3 --rates 0.1 --export poisoned_sets
     """

@@ -315,3 +315,12 @@ def test_export_writes_the_sets_the_benchmark_audits(monkeypatch, tmp_path) -> N
     command = exported["command"]
     assert command[command.index("--data") + 1] == str(folder / "money_0.5.jsonl")
     assert (Path(command[command.index("--sae") + 1]) / "cfg.json").is_file()
+
+
+@pytest.mark.parametrize("flags", [["--output", "x.json"], ["--row-selection"], ["--audits", "lift-tokens"],
+                                   ["--steps", "5"]])
+def test_export_refuses_flags_it_would_ignore(flags: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        poisoning.main(["--export", "sets", *flags])
+    assert stopped.value.code == 2
+    assert f"so {flags[0]} would do nothing" in capsys.readouterr().err
