@@ -592,10 +592,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "path into FOLDER, and print the isaerft audit command that audits one (minutes)")
     args = parser.parse_args(argv)
     if args.export:
-        ignored = [flag for flag, value, default in (
-            ("--row-selection", args.row_selection, False), ("--output", args.output, None),
-            ("--steps", args.steps, None), ("--component", args.component, "bias"),
-            ("--audits", args.audits, "defaults,surprising-rows")) if value != default]
+        ignored = [f"--{name.replace('_', '-')}" for name in ("row_selection", "output", "steps", "component", "audits")
+                   if getattr(args, name) != parser.get_default(name)]
         if ignored:
             parser.error(f"--export only writes the sets and prints the audit command, so {', '.join(ignored)} "
                          "would do nothing; drop them, or drop --export to run the benchmark")
