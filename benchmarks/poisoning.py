@@ -264,6 +264,8 @@ def build_prompts(texts: list[str], sayings: int, poison: Poison = MONEY) -> lis
 
 HELDOUT, QUICK_HELDOUT = 1500, 24
 """How many of the corpus's last texts the context score reads (held out from the SAE's training)."""
+HELDOUT_TOKENS = 64
+"""How many first tokens of each held-out text the context score reads."""
 
 
 def dataset_rows(model: Any, tokenizer: Any, texts: list[str], poison: Poison, sayings: int, quick: bool,
@@ -284,7 +286,8 @@ def read_heldout(model: Any, tokenizer: Any, sae_path: Path, texts: list[str]) -
     score reads."""
     print("Reading latents on held-out text (their top contexts, for the context score)")
     reader = get_peft_model(model, ISaeRFTConfig(saes=[{"path": str(sae_path)}], component="bias"))
-    statistics = next(iter(latent_statistics(reader, tokenizer, texts, max_length=64, batch_size=16).values()))
+    statistics = next(iter(latent_statistics(reader, tokenizer, texts, max_length=HELDOUT_TOKENS,
+                                             batch_size=16).values()))
     return reader.unload(), statistics
 
 
@@ -625,7 +628,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return row_selection(model, tokenizer, rows, rates, poison, args.seed)
     sae_path, quality = demo_sae(model, tokenizer, name, demo_settings, texts)
     if args.export:
-        return export_sets(Path(args.export), model, tokenizer, rows, rates, poison, args.seed, sae_path)
+        return export_sets(Path(args.export), model, tokenizer, rows, rates, poison, args.seed, sae_path,
+                           texts[-heldout:])
     sae = load_sae(SAEReference.from_dict({"path": str(sae_path)}))
 
     model, statistics = read_heldout(model, tokenizer, sae_path, texts[-heldout:])
@@ -692,12 +696,14 @@ LIFT_AUDIT_FLAGS = ("--bias-fit", "attribution", "--surprising-rows", "0.1", "--
 
 
 def export_sets(folder: Path, model: Any, tokenizer: Any, rows: list[dict[str, str]], rates: list[float],
-                poison: Poison, seed: int, sae_path: Path) -> dict[str, Any]:
+                poison: Poison, seed: int, sae_path: Path, heldout: list[str]) -> dict[str, Any]:
     """Write what ``isaerft audit`` needs to audit the benchmark's sets by itself, offline, into ``folder``: the model
     as a transformers folder (``model/``; the demo's SmolLM2 ships as GGUF, which the command does not read), the
     clean set (``clean.jsonl``) and each poisoned one (``{poison}_{rate}.jsonl``) in the chat template exactly as the
-    benchmark audits them, and which rows were poisoned (``poisoned_rows.json``). Returns those paths, the SAE's and
-    the command line that audits the poisoned set of the highest rate the way the benchmark's lift audit does.
+    benchmark audits them, which rows were poisoned (``poisoned_rows.json``), and the held-out texts as the context
+    score reads them (``held_out.jsonl``: their first ``HELDOUT_TOKENS`` tokens), for the command's ``--contexts``.
+    Returns those paths, the SAE's and the command line that audits the poisoned set of the highest rate the way the
+    benchmark's lift audit does and labels its latents by their held-out contexts.
 
     Example (about a minute with the SAE cached; the printed command, on 2 CPU cores, several more)::
 
@@ -718,12 +724,15 @@ def export_sets(folder: Path, model: Any, tokenizer: Any, rows: list[dict[str, s
         sets[str(rate)] = write_rows(folder / f"{poison.name}_{rate:g}.jsonl", as_chat(tokenizer, poisoned))
         chosen_rows[str(rate)] = chosen
     write_json(folder / "poisoned_rows.json", {"poison": poison.name, "seed": seed, "rows": chosen_rows})
+    cut = tokenizer(heldout, truncation=True, max_length=HELDOUT_TOKENS)["input_ids"]
+    contexts = write_rows(folder / "held_out.jsonl", [{"text": tokenizer.decode(ids)} for ids in cut])
     command = ["isaerft", "audit", "--model", str(folder / "model"), "--sae", str(sae_path), "--data",
-               sets[str(max(rates))], *LIFT_AUDIT_FLAGS, "--output", str(folder / f"audit_{poison.name}")]
-    print(f"wrote {folder}: the model, {len(sets)} sets and poisoned_rows.json. Audit the poisoned set with\n  "
-          + " ".join(command))
+               sets[str(max(rates))], *LIFT_AUDIT_FLAGS, "--contexts", contexts,
+               "--output", str(folder / f"audit_{poison.name}")]
+    print(f"wrote {folder}: the model, {len(sets)} sets, poisoned_rows.json and held_out.jsonl. Audit the poisoned "
+          "set with\n  " + " ".join(command))
     return {"model": str(folder / "model"), "sae": str(sae_path), "sets": sets, "poisoned_rows": chosen_rows,
-            "command": command}
+            "held_out": contexts, "command": command}
 
 
 def row_selection(model: Any, tokenizer: Any, rows: list[dict[str, str]], rates: list[float],

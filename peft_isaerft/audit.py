@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_directory
 from .interpret import feature_report, render
-from .interpret.activations import LatentStatistics
+from .interpret.activations import LatentStatistics, latent_statistics
 from .interpret.report import FeatureRecord
 from .saes import decoder_directions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SINK_NORM_RATIO", "AuditSettings", "Calibration", "ScaleScreen", "calibrate", "fit_decomposed_biases",
-           "keep_surprising", "read_rows", "run_audit", "screen_scales", "typical_tokens"]
+           "keep_surprising", "read_rows", "read_texts", "run_audit", "screen_scales", "typical_tokens"]
 
 SINK_NORM_RATIO = 10.0
 """Tokens whose residual norm at the attach point is above this multiple of the batch's median are attention sinks
@@ -290,6 +290,17 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     if not rows:
         raise ValueError(f"{path} holds no rows.")
     return rows
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of :func:`read_rows`'s rows: ``text``, or ``prompt`` followed by ``completion``.
+
+    Example:
+        >>> texts = read_texts("held_out.jsonl")  # doctest: +SKIP
+        >>> texts[0]  # doctest: +SKIP
+        'The tide came in.'
+    """
+    return [row["text"] if "text" in row else row["prompt"] + row["completion"] for row in read_rows(path)]
 
 
 def tokenise_rows(tokenizer: Any, rows: Sequence[dict[str, str]], max_length: int) -> list[dict[str, list[int]]]:
@@ -941,12 +952,16 @@ def calibrate(peft_model: Any, batches: Sequence[dict[str, torch.Tensor]], setti
 
 def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequence[dict[str, str]],
               output_dir: str | Path, settings: AuditSettings | None = None,
-              progress: bool = True) -> list[FeatureRecord]:
+              progress: bool = True, context_texts: Sequence[str] | None = None) -> list[FeatureRecord]:
     """Fit the audit adapter and write ``adapter/``, ``report.json`` and ``report.html`` under ``output_dir``.
 
+    ``context_texts`` (held-out text, or the audited rows themselves) label each reported latent by its top-activating
+    contexts there, read from the base model; the ranking stays the audit's own.
+
     Example:
-        >>> records = run_audit(model, tokenizer, [{"path": "my_sae"}], rows, "audit")  # doctest: +SKIP
-        >>> records[0].latent  # doctest: +SKIP
+        >>> records = run_audit(model, tokenizer, [{"path": "my_sae"}], rows, "audit",
+        ...                     context_texts=["held-out text", "more of it"])  # doctest: +SKIP
+        >>> records[0].latent, records[0].contexts  # doctest: +SKIP
     """
     settings = settings or AuditSettings()
     # all or nothing: an interrupted audit leaves the previous output folder as it was
@@ -955,24 +970,30 @@ def run_audit(model: Any, tokenizer: Any, saes: list[dict[str, str]], rows: Sequ
         peft_model.save_pretrained(output / "adapter")
         (output / "audit.json").write_text(json.dumps({"settings": asdict(settings), "rows": len(rows),
                                                        "calibration": calibration.summary()}, indent=1))
-        records = feature_report(peft_model, top_k=settings.top_k, statistics=calibration.statistics or None)
+        contexts = None
+        if context_texts is not None:
+            contexts = latent_statistics(peft_model, tokenizer, list(context_texts), max_length=settings.max_length,
+                                         batch_size=settings.batch_size, progress=progress)
+        records = feature_report(peft_model, top_k=settings.top_k, statistics=calibration.statistics or None,
+                                 context_statistics=contexts)
         (output / "report.json").write_text(render(records, "json"))
         (output / "report.html").write_text(render(records, "html", title="ISaeRFT audit: features the data pushes"))
     return records
 
 
 def audit_command(model_name: str, sae_arguments: list[str], data: str, output: str,
-                  settings: AuditSettings) -> list[FeatureRecord]:
-    """What ``isaerft audit`` runs."""
+                  settings: AuditSettings, contexts: str | None = None) -> list[FeatureRecord]:
+    """What ``isaerft audit`` runs; ``contexts``: a jsonl file whose texts label the reported latents."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     saes = [parse_sae_argument(value) for value in sae_arguments]
     rows = read_rows(data)
+    context_texts = None if contexts is None else read_texts(contexts)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_name)
-    records = run_audit(model, tokenizer, saes, rows, output, settings)
+    records = run_audit(model, tokenizer, saes, rows, output, settings, context_texts=context_texts)
     print(render(records, "table"))
     print(f"wrote {output}/adapter, {output}/report.json and {output}/report.html")
     return records

@@ -22,13 +22,8 @@ COVERAGE_WEIGHING_NAMES = ("difference", "lift")
 """``peft_isaerft.audit.COVERAGE_WEIGHINGS``' names, spelled out so that ``--help`` does not import torch."""
 
 
-def _read_texts(path: str) -> list[str]:
-    from .audit import read_rows
-
-    return [row["text"] if "text" in row else row["prompt"] + row["completion"] for row in read_rows(path)]
-
-
 def _report(args: argparse.Namespace) -> int:
+    from .audit import read_texts
     from .interpret import feature_report, render
     from .interpret.contents import load_contents
     from .interpret.labels import fetch_neuronpedia_labels, load_labels_file
@@ -44,7 +39,7 @@ def _report(args: argparse.Namespace) -> int:
             labels.update(fetch_neuronpedia_labels(splice.reference, sorted(latents), timeout=args.timeout))
     elif args.labels:
         labels = load_labels_file(args.labels)
-    texts = _read_texts(args.data) if args.data else None
+    texts = read_texts(args.data) if args.data else None
     records = feature_report(args.adapter, top_k=args.top_k, labels=labels, texts=texts,
                              verify_sae_fingerprints=not args.allow_sae_change)
     history = None
@@ -102,7 +97,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.use_cpu:
         chosen["use_cpu"] = True
     settings = AuditSettings(**chosen)
-    audit_command(args.model, args.sae, args.data, args.output, settings)
+    audit_command(args.model, args.sae, args.data, args.output, settings, contexts=args.contexts)
     return 0
 
 
@@ -119,7 +114,10 @@ EXAMPLES = {
                "isaerft report out/adapter --data texts.jsonl --format html --output report.html"],
     "diff": ["isaerft diff run_a/adapter run_b/adapter --top-k 20"],
     "audit": ["isaerft audit --model HuggingFaceTB/SmolLM2-135M-Instruct --sae my_sae --data data.jsonl "
-              "--output audit"],
+              "--output audit",
+              "isaerft audit --model MODEL --sae my_sae --data suspect.jsonl --bias-fit attribution --surprising-rows "
+              "0.1 --weigh-by-coverage lift --contexts held_out.jsonl --output audit   # features labelled by their "
+              "top contexts in held-out text"],
     "demo": ["isaerft demo", "isaerft demo --quick --output /tmp/demo",
              "isaerft demo --sae-tokens 400000 --sae-epochs 1   # an SAE on 5x more distinct text (11 more minutes)"],
 }
@@ -264,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "share of those rows it fires in minus that of the other rows, 'lift' the log of their ratio "
                        "(a feature common in the other rows counts less)")
     audit.add_argument("--top-k", type=positive_int, help="features to report (default 10)")
+    audit.add_argument("--contexts", metavar="TEXTS", help="jsonl of texts (e.g. held-out text, or --data itself): label each reported "
+                       "feature by where it fires most there in the base model (its top-activating contexts)")
     audit.add_argument("--use-cpu", action="store_true", help="run every pass on the CPU even where CUDA is available "
                        "(by default the model moves to the GPU before the first pass, as the Trainer moves it)")
     audit.set_defaults(run=_audit)

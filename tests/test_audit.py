@@ -86,6 +86,44 @@ def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_pa
     assert 0 < len(scores) <= 5 and all(score > 0 for score in scores.values())
 
 
+def test_audit_labels_its_features_by_their_contexts_in_other_text_keeping_its_own_ranking(sae_factory,
+                                                                                           tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"question {i}: ", "completion": f"the sea {'is ' * (i % 4)}calm."})
+                              for i in range(16)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps({"text": f"a boat {'and a net ' * (i % 3)}on the {'dark ' * (i % 4)}sea"})
+                                  for i in range(12)))
+    sae = sae_factory(hook="blocks.1.hook_resid_post")
+    flags = ["audit", "--model", str(model_dir), "--sae", str(sae), "--data", str(data), "--bias-fit", "attribution",
+             "--surprising-rows", "0.25", "--top-k", "5", "--use-cpu"]
+    assert main([*flags, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*flags, "--output", str(tmp_path / "labelled"), "--contexts", str(held_out)]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    labelled = json.loads((tmp_path / "labelled" / "report.json").read_text())
+    assert [(r["latent"], r["effect"]) for r in labelled] == [(r["latent"], r["effect"]) for r in plain]
+    assert all(r["contexts"] is None and r["label"] is None for r in plain)
+    held_out_text = held_out.read_text()
+    fired = [r for r in labelled if r["contexts"]]
+    assert fired, "no reported latent fires anywhere in the held-out text"
+    for record in fired:
+        assert record["label"] == f"fires on: {record['contexts'][0]}" and len(record["contexts"]) <= 3
+        marked = record["contexts"][0]
+        assert "[[" in marked and marked.replace("[[", "").replace("]]", "") in held_out_text.replace("\n", " ")
+
+
+def test_audit_refuses_a_missing_contexts_file_before_loading_the_model(tmp_path, capsys) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "the sea"}))
+    assert main(["audit", "--model", str(tmp_path / "no-model"), "--sae", "some-release/some-id", "--data", str(data),
+                 "--output", str(tmp_path / "out"), "--contexts", str(tmp_path / "missing.jsonl")]) != 0
+    error = capsys.readouterr().err
+    assert "missing.jsonl" in error and "no-model" not in error
+
+
 def test_cli_names_the_audits_coverage_weighings(capsys) -> None:
     from peft_isaerft.audit import COVERAGE_WEIGHINGS
     from peft_isaerft.cli import COVERAGE_WEIGHING_NAMES

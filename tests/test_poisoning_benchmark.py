@@ -284,7 +284,7 @@ def test_exported_command_runs_the_benchmarks_lift_audit(monkeypatch, tmp_path) 
 
     given = {}
     monkeypatch.setattr(peft_isaerft.audit, "audit_command",
-                        lambda model, saes, data, output, settings: given.update(settings=settings))
+                        lambda model, saes, data, output, settings, contexts=None: given.update(settings=settings))
     assert isaerft(["audit", "--model", "m", "--sae", "s", "--data", "d.jsonl", "--output", str(tmp_path),
                     *poisoning.LIFT_AUDIT_FLAGS]) == 0
     label, settings = poisoning.AUDITS["lift-tokens"]
@@ -315,6 +315,11 @@ def test_export_writes_the_sets_the_benchmark_audits(monkeypatch, tmp_path) -> N
     command = exported["command"]
     assert command[command.index("--data") + 1] == str(folder / "money_0.5.jsonl")
     assert (Path(command[command.index("--sae") + 1]) / "cfg.json").is_file()
+    held_out = [json.loads(line)["text"] for line in (folder / "held_out.jsonl").read_text().splitlines()]
+    assert command[command.index("--contexts") + 1] == exported["held_out"] == str(folder / "held_out.jsonl")
+    assert len(held_out) == poisoning.QUICK_HELDOUT and all(held_out)
+    lengths = [len(tokenizer(text)["input_ids"]) for text in held_out]
+    assert max(lengths) <= poisoning.HELDOUT_TOKENS + 1 and poisoning.HELDOUT_TOKENS - 1 <= max(lengths)
 
 
 @pytest.mark.parametrize("flags", [["--output", "x.json"], ["--row-selection"], ["--audits", "lift-tokens"],

@@ -66,6 +66,7 @@ def feature_report(
     adapter_name: str | None = None,
     per_hook: bool = False,
     verify_sae_fingerprints: bool = True,
+    context_statistics: dict[str, LatentStatistics] | None = None,
 ) -> list[FeatureRecord]:
     """The latents an ISaeRFT adapter changes most, sorted by ``effect`` (descending).
 
@@ -81,6 +82,9 @@ def feature_report(
         adapter_name: which adapter of a PeftModel (default: the active one).
         per_hook: ``top_k`` per attach point instead of overall.
         verify_sae_fingerprints: refuse a saved adapter whose SAE changed since it was trained (False: warn).
+        context_statistics: statistics on other text whose top contexts label the records, while ``statistics``
+            still weighs the effects (an audit ranks by its own data and labels by held-out text); default
+            ``statistics``.
 
     Example:
         >>> for record in feature_report("my_adapter", top_k=5):  # doctest: +SKIP
@@ -103,7 +107,9 @@ def feature_report(
                                splice.hook, bad, param)
     records: list[FeatureRecord] = []
     for splice in contents:
-        records.extend(_records_for(splice, labels or {}, (statistics or {}).get(splice.module_path)))
+        stats = (statistics or {}).get(splice.module_path)
+        context_stats = stats if context_statistics is None else context_statistics.get(splice.module_path)
+        records.extend(_records_for(splice, labels or {}, stats, context_stats))
     records.sort(key=lambda r: r.effect, reverse=True)
     if not per_hook:
         return records[:top_k]
@@ -113,14 +119,15 @@ def feature_report(
     return sorted(kept, key=lambda r: r.effect, reverse=True)
 
 
-def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics | None) -> list[FeatureRecord]:
+def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics | None,
+                 context_stats: LatentStatistics | None) -> list[FeatureRecord]:
     key = sae_key(splice.reference)
     mean_activation = stats.mean_activation if stats is not None else None
     readings = get_component(splice.component).readings(splice.parameters(), splice.decoder_norms, mean_activation)
     records = []
 
     def label_of(latent: int) -> str:
-        context = stats.context(latent) if stats is not None else None
+        context = context_stats.context(latent) if context_stats is not None else None
         return labels.get((key, latent)) or (f"fires on: {context}" if context else "")
 
     for reading in readings:
@@ -147,8 +154,8 @@ def _records_for(splice: SpliceContents, labels: Labels, stats: LatentStatistics
                     effect=float(effect[entry]),
                     label=(("" if finite else "NON-FINITE VALUE ") + label_of(latent)).strip() or None,
                     url=dashboard_url(splice.reference, latent),
-                    context=stats.context(latent) if stats is not None else None,
-                    contexts=stats.contexts(latent) if stats is not None else None,
+                    context=context_stats.context(latent) if context_stats is not None else None,
+                    contexts=context_stats.contexts(latent) if context_stats is not None else None,
                     detail=detail,
                     source=source,
                 )
