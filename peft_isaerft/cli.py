@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "share of those rows it fires in minus that of the other rows, 'lift' the log of their ratio "
                        "(a feature common in the other rows counts less)")
     audit.add_argument("--top-k", type=positive_int, help="features to report (default 10)")
-    audit.add_argument("--contexts", metavar="TEXTS", help="jsonl of texts (e.g. held-out text, or --data itself): label each reported "
-                       "feature by where it fires most there in the base model (its top-activating contexts)")
+    audit.add_argument("--contexts", metavar="TEXTS", help="jsonl of texts (e.g. held-out text, or --data itself): "
+                       "label each reported feature by where it fires most there in the base model (its "
+                       "top-activating contexts)")
     audit.add_argument("--use-cpu", action="store_true", help="run every pass on the CPU even where CUDA is available "
                        "(by default the model moves to the GPU before the first pass, as the Trainer moves it)")
     audit.set_defaults(run=_audit)
