@@ -63,13 +63,19 @@ def test_audit_cli_writes_adapter_and_reports(sae_factory, tmp_path, capsys) -> 
     assert l1_coeff == pytest.approx(0.05 * lambda_max) and lambda_max > 0
 
 
-def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_path) -> None:
+def _saved_model_and_sea_rows(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny model folder with its tokenizer, and 16 prompt/completion rows that differ in how long the answer is."""
     model_dir = tmp_path / "model"
     make_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"question {i}: ", "completion": f"the sea {'is ' * (i % 4)}calm."})
                               for i in range(16)))
+    return model_dir, data
+
+
+def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_path) -> None:
+    model_dir, data = _saved_model_and_sea_rows(tmp_path)
     sae = sae_factory(hook="blocks.1.hook_resid_post")
     assert main(["audit", "--model", str(model_dir), "--sae", str(sae), "--data", str(data), "--output",
                  str(tmp_path / "out"), "--bias-fit", "attribution", "--surprising-rows", "0.25",
@@ -88,12 +94,7 @@ def test_audit_cli_runs_a_coverage_weighed_attribution_audit(sae_factory, tmp_pa
 
 def test_audit_labels_its_features_by_their_contexts_in_other_text_keeping_its_own_ranking(sae_factory,
                                                                                            tmp_path) -> None:
-    model_dir = tmp_path / "model"
-    make_model("llama").save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"question {i}: ", "completion": f"the sea {'is ' * (i % 4)}calm."})
-                              for i in range(16)))
+    model_dir, data = _saved_model_and_sea_rows(tmp_path)
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("\n".join(json.dumps({"text": f"a boat {'and a net ' * (i % 3)}on the {'dark ' * (i % 4)}sea"})
                                   for i in range(12)))
