@@ -591,8 +591,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", default=None,
                         help="JSON file (default benchmarks/results/poisoning.json, poisoning_scale.json, ...)")
     parser.add_argument("--export", metavar="FOLDER", default=None,
-                        help="only write the clean and poisoned sets, the model as a transformers folder and the SAE's "
-                        "path into FOLDER, and print the isaerft audit command that audits one (minutes)")
+                        help="only write the clean and poisoned sets, the model as a transformers folder and the "
+                        "held-out text into FOLDER, and print the isaerft audit command that audits one (minutes)")
     args = parser.parse_args(argv)
     if args.export:
         ignored = [f"--{name.replace('_', '-')}" for name in ("row_selection", "output", "steps", "component", "audits")
